@@ -1,0 +1,508 @@
+"""
+MicroDiT of "Stretching Each Dollar: Diffusion Training from Scratch on a Micro-Budget"
+(Sehwag et al. 2024) in plain PyTorch, and the EDM preconditioning and loss it is trained with
+(Karras et al. 2022). The released checkpoints (VSehwag24/MicroDiT) load into `MicroDiT` with
+strict=True: module names follow the official state-dict layout.
+
+Every denoiser network here has the same interface:
+    net(x, c_noise, y, mask_ratio=0.0) -> (out, mask)
+x (B, C, H, W) latents already scaled by c_in, c_noise (B,) = ln(sigma)/4, y (B, L, Dy) caption
+token features; mask (B, T) is 1 for patches dropped by masking, or None.
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class MicroDiTConfig:
+    latent_size: int = 32           # latent height = width (32 for 256px, 64 for 512px with the SDXL VAE)
+    latent_channels: int = 4        # 4 for the SDXL VAE, 16 for ostris/vae-kl-f8-d16, 3 for raw pixels
+    patch_size: int = 2
+    dim: int = 1024                 # backbone width
+    depth: int = 28                 # backbone blocks
+    head_dim: int = 64              # attention head width (mixer and backbone)
+    caption_dim: int = 1024         # width of the text encoder's token features
+    mixer_depth: int = 6            # patch-mixer blocks; 0 = no mixer (naive masking)
+    mixer_dim: int = 768            # patch-mixer width
+    mixer_mlp_ratio: float = 4.0
+    num_experts: int = 8            # expert-choice MoE in every 2nd block; 0 = dense FFN everywhere
+    expert_capacity: float = 2.0    # each expert takes int(capacity * T / num_experts) tokens
+    qkv_ratio: tuple = (0.5, 1.0)   # layer-wise scaling: attention width ratio, linspace over depth
+    mlp_ratio: tuple = (0.5, 4.0)   # layer-wise scaling: FFN ratio; (4.0, 4.0) = uniform widths
+    multiple_of: int = 256          # FFN hidden sizes are rounded up to a multiple of this
+    pos_interp_scale: float = 1.0   # 2.0 for the 512px model: same position range as at 256px
+    bias: bool = False              # biases in block linears (False in the released models)
+
+
+PRESETS = {
+    # as released (SPEC A2); 512px checkpoints use latent_size=64, pos_interp_scale=2
+    "MicroDiT_XL_2": MicroDiTConfig(),
+    "MicroDiT_Tiny_2": MicroDiTConfig(dim=512, depth=16, head_dim=32, mixer_depth=4, mixer_dim=512),
+    # CPU-sized, for the built-in 32x32 RGB shapes dataset (pixels are the "latents")
+    "MicroDiT_S": MicroDiTConfig(latent_size=32, latent_channels=3, patch_size=2, dim=128, depth=6,
+                                 head_dim=32, caption_dim=64, mixer_depth=2, mixer_dim=96, num_experts=4,
+                                 mlp_ratio=(1.0, 4.0), multiple_of=32),
+    # tiny, for tests: every ingredient present (mixer with width maps, MoE in mixer and backbone)
+    "MicroDiT_test": MicroDiTConfig(latent_size=8, latent_channels=3, patch_size=2, dim=32, depth=3, head_dim=8,
+                                    caption_dim=16, mixer_depth=2, mixer_dim=16, num_experts=4, multiple_of=16),
+}
+
+
+def round_up(n, multiple):
+    return multiple * math.ceil(n / multiple)
+
+
+def layer_widths(cfg):
+    """Per-block (attention width, FFN hidden size, is_moe) of the backbone (layer-wise scaling)."""
+    out = []
+    for i in range(cfg.depth):
+        t = i / (cfg.depth - 1) if cfg.depth > 1 else 1.0
+        q = cfg.qkv_ratio[0] + t * (cfg.qkv_ratio[1] - cfg.qkv_ratio[0])
+        r = cfg.mlp_ratio[0] + t * (cfg.mlp_ratio[1] - cfg.mlp_ratio[0])
+        # attention width is a multiple of two heads, or the full width at ratio 1
+        attn = cfg.dim if q == 1 else round_up(int(cfg.dim * q), 2 * cfg.head_dim)
+        moe = cfg.num_experts > 0 and i % 2 == 1 and i != cfg.depth - 1  # the last block stays dense
+        out.append((attn, ffn_hidden(cfg.dim, r, cfg.multiple_of, moe), moe))
+    return out
+
+
+def ffn_hidden(dim, ratio, multiple_of, moe):
+    # SwiGLU keeps the parameter count of a 2-matrix MLP with the 2/3 rule; GELU experts do not
+    hidden = int(dim * ratio)
+    return round_up(hidden if moe else int(2 * hidden / 3), multiple_of)
+
+
+# -----------------------------------------------------------------------------
+# embeddings
+
+
+def sincos_1d(dim, pos):
+    """(M,) positions -> (M, dim) as [sin, cos] (MAE/DiT layout)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def sincos_2d(dim, grid_size, pos_interp_scale=1.0):
+    """Fixed 2D position code (grid_size**2, dim): first half encodes x (column), second half y (row)."""
+    coords = torch.arange(grid_size, dtype=torch.float64) / pos_interp_scale
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, x.flatten()), sincos_1d(dim // 2, y.flatten())], dim=1).float()
+
+
+def timestep_embedding(t, dim=512, max_period=10000):
+    """(B,) scalars -> (B, dim) frequency embedding as [cos, sin]."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def layer_norm(dim, affine=True):
+    # every LayerNorm of MicroDiT: eps 1e-6, no bias; QK-norm has no affine parameters at all
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine, bias=False)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU(tanh) -> LayerNorm -> Linear, for the caption tokens and the pooled caption."""
+
+    def __init__(self, d_in, dim):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, dim)
+        self.norm = layer_norm(dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.norm(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class TimestepEmbedder(nn.Module):
+    """c_noise -> 512-d frequency embedding -> MLP."""
+
+    def __init__(self, dim, freq_dim=512):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+
+    def forward(self, c_noise):
+        return self.mlp(timestep_embedding(c_noise, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, T, dim) by a strided conv."""
+
+    def __init__(self, patch_size, in_channels, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# attention and feed-forward
+
+
+def attention(q, k, v, heads, q_norm, k_norm):
+    """QK-normed multi-head attention. q (B, N, W), k and v (B, M, W) -> (B, N, W)."""
+    B, N, W = q.shape
+    q, k = q_norm(q).to(v.dtype), k_norm(k).to(v.dtype)  # LayerNorm over all heads at once (QK-norm)
+    q, k, v = (t.reshape(B, -1, heads, W // heads).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with QK-norm; its width may be smaller than the model's (layer-wise scaling)."""
+
+    def __init__(self, dim, width, head_dim, bias):
+        super().__init__()
+        self.heads = width // head_dim
+        self.qkv = nn.Linear(dim, 3 * width, bias=bias)
+        self.proj = nn.Linear(width, dim, bias=bias)
+        self.q_norm, self.k_norm = layer_norm(width, affine=False), layer_norm(width, affine=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(attention(q, k, v, self.heads, self.q_norm, self.k_norm))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to the caption tokens, QK-normed like self-attention."""
+
+    def __init__(self, dim, head_dim, bias):
+        super().__init__()
+        self.heads = dim // head_dim
+        self.q_linear = nn.Linear(dim, dim, bias=bias)
+        self.kv_linear = nn.Linear(dim, 2 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.q_norm, self.k_norm = layer_norm(dim, affine=False), layer_norm(dim, affine=False)
+
+    def forward(self, x, y):
+        k, v = self.kv_linear(y).chunk(2, dim=-1)
+        return self.proj(attention(self.q_linear(x), k, v, self.heads, self.q_norm, self.k_norm))
+
+
+class SwiGLU(nn.Module):
+    """Dense FFN: w3(silu(w1 x) * w2 x)."""
+
+    def __init__(self, dim, hidden, bias):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.w2 = nn.Linear(dim, hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Expert-choice MoE (Zhou et al. 2022): each expert picks its top tokens within each sample."""
+
+    def __init__(self, dim, hidden, num_experts, capacity):
+        super().__init__()
+        self.num_experts, self.capacity = num_experts, capacity
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def route(self, x):
+        """(B, T, D) -> gate values and token ids (B, E, k): each expert's top-k tokens in each sample."""
+        k = int(self.capacity * x.shape[1] / self.num_experts)  # tokens per expert
+        probs = self.gate(x).float().softmax(dim=-1)  # (B, T, E)
+        # routing is per image: an expert's choice never depends on the other samples of the batch
+        return probs.transpose(1, 2).topk(k, dim=-1)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        g, idx = self.route(x)  # (B, E, k)
+        n = idx.shape[1] * idx.shape[2]
+        idx = idx.reshape(B, n, 1).expand(-1, -1, D)
+        xe = x.gather(1, idx).reshape(*g.shape, D)  # (B, E, k, D) the tokens each expert chose
+        h = F.gelu(torch.einsum("bekd,edf->bekf", xe, self.w1))
+        h = torch.einsum("bekf,efd->bekd", h, self.w2) * g.unsqueeze(-1).to(h.dtype)
+        # a token chosen by several experts sums their outputs; one chosen by none gets zero
+        return h.new_zeros(B, T, D).scatter_add(1, idx, h.reshape(B, n, D))
+
+
+# -----------------------------------------------------------------------------
+# blocks
+
+
+class Block(nn.Module):
+    """adaLN block: gated self-attention, ungated cross-attention, gated FFN (dense or MoE)."""
+
+    def __init__(self, dim, attn_width, ffn, moe, cfg):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = layer_norm(dim), layer_norm(dim), layer_norm(dim)
+        self.attn = SelfAttention(dim, attn_width, cfg.head_dim, cfg.bias)
+        self.cross_attn = CrossAttention(dim, cfg.head_dim, cfg.bias)
+        self.mlp = ExpertChoiceMoE(dim, ffn, cfg.num_experts, cfg.expert_capacity) if moe else SwiGLU(dim, ffn, cfg.bias)
+        self.adaLN_modulation = nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, 6 * dim))
+
+    def forward(self, x, y, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.cross_attn(self.norm2(x), y)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        return x
+
+
+class CaptionBlock(nn.Module):
+    """Pre-LN transformer block (no adaLN) that refines the caption tokens once."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.norm2 = layer_norm(cfg.dim), layer_norm(cfg.dim)
+        self.attn = SelfAttention(cfg.dim, cfg.dim, cfg.head_dim, cfg.bias)
+        self.mlp = SwiGLU(cfg.dim, ffn_hidden(cfg.dim, 4.0, cfg.multiple_of, moe=False), cfg.bias)
+
+    def forward(self, y):
+        y = y + self.attn(self.norm1(y))
+        return y + self.mlp(self.norm2(y))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm -> adaLN shift/scale -> Linear to patch pixels."""
+
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.norm_final = layer_norm(dim)
+        self.adaLN_modulation = nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def mask_tokens(x, n_keep):
+    """Keep a random subset of n_keep tokens per sample. Returns (B, n_keep, D) tokens, the (B, T) mask
+    (1 = dropped) and the permutation that restores the original token order."""
+    B, T, D = x.shape
+    ids_shuffle = torch.rand(B, T, device=x.device).argsort(dim=1)  # a random permutation per sample
+    ids_restore = ids_shuffle.argsort(dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    mask = torch.ones(B, T, device=x.device)
+    mask[:, :n_keep] = 0
+    return x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, D)), mask.gather(1, ids_restore), ids_restore
+
+
+# -----------------------------------------------------------------------------
+# MicroDiT
+
+
+class MicroDiT(nn.Module):
+    """Sparse DiT: patch-mixer on all tokens, then masking, then a layer-wise scaled MoE backbone."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C, p, D = cfg.latent_channels, cfg.patch_size, cfg.dim
+        self.x_embedder = PatchEmbed(p, C, D)
+        self.register_buffer("pos_embed", sincos_2d(D, cfg.latent_size // p, cfg.pos_interp_scale)[None])  # (1, T, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = nn.Module()
+        self.y_embedder.y_proj = Mlp(cfg.caption_dim, D)  # caption tokens -> (B, L, D)
+        self.y_emb_preprocess = CaptionBlock(cfg)
+        self.pooled_y_emb_process = Mlp(D, D)  # mean caption token -> added to the timestep embedding
+        if cfg.mixer_depth > 0:
+            M = cfg.mixer_dim
+            mixer_ffn = lambda moe: ffn_hidden(M, cfg.mixer_mlp_ratio, cfg.multiple_of, moe)
+            moe = [cfg.num_experts > 0 and i % 2 == 1 for i in range(cfg.mixer_depth)]
+            self.patch_mixer = nn.ModuleList(Block(M, M, mixer_ffn(m), m, cfg) for m in moe)
+            if M != D:  # width maps between the backbone and the (narrower) mixer
+                self.patch_mixer_map_xin = nn.Sequential(layer_norm(D), nn.Linear(D, M, bias=cfg.bias))
+                self.patch_mixer_map_xout = nn.Sequential(layer_norm(M), nn.Linear(M, D, bias=cfg.bias))
+                self.patch_mixer_map_y = nn.Sequential(layer_norm(D), nn.Linear(D, M, bias=cfg.bias))
+        self.blocks = nn.ModuleList(Block(D, a, f, m, cfg) for a, f, m in layer_widths(cfg))
+        self.register_buffer("mask_token", torch.zeros(1, 1, p * p * C))  # fills dropped patches of the output
+        self.final_layer = FinalLayer(D, p * p * C)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # SPEC A2: xavier everywhere, small normal on the embedding MLPs, depth-scaled block outputs,
+        # and zero on every adaLN output and on the final projection (each block starts as identity)
+        def basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(basic)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1,
+                    self.y_embedder.y_proj.fc2, self.pooled_y_emb_process.fc1, self.pooled_y_emb_process.fc2):
+            nn.init.normal_(lin.weight, std=0.02)
+        mixer = list(getattr(self, "patch_mixer", []))
+        blocks = [(b, 0.02 / math.sqrt(2 * (i + 1))) for i, b in enumerate(self.blocks)]
+        blocks += [(b, 0.02 / math.sqrt(2 * self.cfg.depth)) for b in mixer]
+        for block, std in blocks:
+            self._init_block(block, std)
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        self._init_block(self.y_emb_preprocess, 0.02)
+        nn.init.zeros_(self.y_emb_preprocess.attn.proj.weight)
+        nn.init.zeros_(self.y_emb_preprocess.mlp.w3.weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.linear.weight)
+
+    @staticmethod
+    def _init_block(block, std):
+        # inputs of each sub-layer: std 0.02; outputs that write into the residual stream: std
+        tn = lambda w, s: nn.init.trunc_normal_(w, std=s)
+        tn(block.attn.qkv.weight, 0.02)
+        tn(block.attn.proj.weight, std)
+        if hasattr(block, "cross_attn"):
+            tn(block.cross_attn.q_linear.weight, 0.02)
+            tn(block.cross_attn.kv_linear.weight, 0.02)
+            tn(block.cross_attn.proj.weight, std)
+        if isinstance(block.mlp, ExpertChoiceMoE):
+            tn(block.mlp.gate.weight, 0.02)
+            tn(block.mlp.w1, 0.02)
+            tn(block.mlp.w2, std)
+        else:
+            tn(block.mlp.w1.weight, 0.02)
+            tn(block.mlp.w2.weight, std)
+            tn(block.mlp.w3.weight, std)
+
+    def forward(self, x, c_noise, y, mask_ratio=0.0):
+        cfg = self.cfg
+        B, C, H, W = x.shape
+        if (C, H, W) != (cfg.latent_channels, cfg.latent_size, cfg.latent_size):
+            raise ValueError(f"MicroDiT expects latents of shape (B, {cfg.latent_channels}, {cfg.latent_size}, "
+                             f"{cfg.latent_size}), got {tuple(x.shape)}")
+        x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        y = self.y_emb_preprocess(self.y_embedder.y_proj(y))  # (B, L, D)
+        c = self.t_embedder(c_noise.expand(B)) + self.pooled_y_emb_process(y.mean(dim=1))  # (B, D)
+
+        if cfg.mixer_depth > 0:  # the patch-mixer sees every patch, before any masking
+            map_x, map_y = getattr(self, "patch_mixer_map_xin", nn.Identity()), getattr(self, "patch_mixer_map_y", nn.Identity())
+            x, y_mixer = map_x(x), map_y(y)  # (B, T, M), (B, L, M)
+            for block in self.patch_mixer:
+                x = block(x, y_mixer, c)
+
+        mask = None
+        if mask_ratio > 0:  # deferred masking: drop tokens only after the mixer has seen them all
+            x, mask, ids_restore = mask_tokens(x, int(x.shape[1] * (1 - mask_ratio)))  # (B, T_keep, D)
+
+        if cfg.mixer_depth > 0:  # mapping back to the backbone width after masking saves compute
+            x = getattr(self, "patch_mixer_map_xout", nn.Identity())(x)
+        for block in self.blocks:
+            x = block(x, y, c)  # (B, T_keep, D)
+        x = self.final_layer(x, c)  # (B, T_keep, p*p*C)
+
+        if mask is not None:  # a fixed zero token at every dropped patch, then undo the shuffle
+            fill = self.mask_token.to(x.dtype).expand(B, mask.shape[1] - x.shape[1], -1)
+            x = torch.cat([x, fill], dim=1).gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.unpatchify(x), mask
+
+    def unpatchify(self, x):
+        """(B, T, p*p*C) -> (B, C, H, W)."""
+        p, C = self.cfg.patch_size, self.cfg.latent_channels
+        g = self.cfg.latent_size // p
+        x = x.reshape(x.shape[0], g, g, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, g * p, g * p)
+
+
+# -----------------------------------------------------------------------------
+# building, by preset name or config
+
+
+def get_config(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def build_model(cfg):
+    """A network from a preset name or a config dataclass."""
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    return MicroDiT(cfg)
+
+
+def num_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+# -----------------------------------------------------------------------------
+# EDM (Karras et al. 2022): preconditioning, training noise, loss
+
+
+def edm_precond(net, x, sigma, y, mask_ratio=0.0, sigma_data=0.9):
+    """The denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM, Table 1). Returns (D_x, mask)."""
+    sigma = sigma.reshape(-1, 1, 1, 1).to(torch.float32)
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_noise = sigma.log().flatten() / 4
+    F_x, mask = net((c_in * x).to(torch.float32), c_noise, y, mask_ratio)
+    return c_skip * x + c_out * F_x.to(torch.float32), mask
+
+
+def sample_sigma(n, P_mean, P_std, device=None, generator=None):
+    """Training noise levels: ln(sigma) ~ N(P_mean, P_std^2)."""
+    return (torch.randn(n, device=device, generator=generator) * P_std + P_mean).exp()
+
+
+def drop_captions(y, p, generator=None):
+    """Classifier-free guidance training: replace each sample's caption features by zeros with probability p."""
+    keep = torch.rand(y.shape[0], device=y.device, generator=generator) >= p
+    return y * keep.reshape(-1, 1, 1).to(y.dtype)
+
+
+def edm_loss(net, x, y, mask_ratio=0.0, P_mean=-0.6, P_std=1.2, sigma_data=0.9):
+    """EDM training loss of one batch: weight(sigma) * |D(x + n; sigma) - x|^2 (EDM, Eq. 8)."""
+    sigma = sample_sigma(x.shape[0], P_mean, P_std, device=x.device).reshape(-1, 1, 1, 1)
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    D_x, mask = edm_precond(net, x + torch.randn_like(x) * sigma, sigma, y, mask_ratio, sigma_data)
+    return masked_mse(weight * (D_x - x) ** 2, mask, getattr(net.cfg, "patch_size", 1))
+
+
+def masked_mse(err, mask, patch_size):
+    """Mean of a (B, C, H, W) error over channels, then per patch over the kept patches only: a dropped
+    patch gets no loss (there is no decoder to reconstruct it), then the mean over the batch."""
+    err = err.mean(dim=1)  # (B, H, W)
+    if mask is None:
+        return err.mean()
+    err = F.avg_pool2d(err.unsqueeze(1), patch_size).flatten(1)  # (B, T), in the tokens' row-major order
+    keep = 1 - mask
+    return ((err * keep).sum(dim=1) / keep.sum(dim=1)).mean()
+
+
+# -----------------------------------------------------------------------------
+# FLOPs, counted by PyTorch itself on the meta device (no memory, no compute)
+
+
+def flops_per_image(cfg, mask_ratio=0.0, train=True, caption_len=77):
+    """FLOPs of one image through the network (forward, or forward + backward when train)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    with torch.device("meta"):
+        net = build_model(cfg)
+        x = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        y = torch.randn(1, caption_len, cfg.caption_dim)
+        c_noise = torch.zeros(1)
+    with FlopCounterMode(display=False) as counter:
+        out, _ = net(x, c_noise, y, mask_ratio)
+        if train:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
+if __name__ == "__main__":
+    # parameter counts and FLOPs of every preset: python model.py
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            n = num_params(build_model(cfg))
+        f0, f75 = flops_per_image(cfg, 0.0), flops_per_image(cfg, 0.75)
+        print(f"{name:16s} params {n:>15,d}   train GFLOPs/image: mask 0 {f0 / 1e9:10.2f}, mask 0.75 {f75 / 1e9:10.2f}")
