@@ -9,8 +9,12 @@ Every denoiser network here has the same interface:
 x (B, C, H, W) latents already scaled by c_in, c_noise (B,) = ln(sigma)/4, y (B, L, Dy) caption
 token features; mask (B, T) is 1 for patches dropped by masking, or None.
 """
+import json
 import math
-from dataclasses import dataclass, replace
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -424,14 +428,91 @@ def get_config(name, **overrides):
     return replace(PRESETS[name], **overrides)
 
 
+MODELS = {"MicroDiT": (MicroDiTConfig, lambda cfg: MicroDiT(cfg))}  # config class name -> (config, network)
+
+
 def build_model(cfg):
     """A network from a preset name or a config dataclass."""
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
-    return MicroDiT(cfg)
+    return MODELS[model_type(cfg)][1](cfg)
+
+
+def model_type(cfg):
+    return type(cfg).__name__.removesuffix("Config")
+
+
+def config_from_dict(kind, d, where="config"):
+    """A model config from plain data (config.json), with a clear error for unknown fields."""
+    if kind not in MODELS:
+        raise ValueError(f"{where}: unknown model type {kind!r}; expected one of {sorted(MODELS)}")
+    cls = MODELS[kind][0]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown {kind} config field(s) {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def num_params(net):
     return sum(p.numel() for p in net.parameters())
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: a folder with config.json and safetensors weights, written atomically
+
+
+@contextmanager
+def atomic_dir(folder):
+    """Yield a temporary folder that becomes `folder` only when the block completes: a crash or Ctrl-C
+    in between leaves at most a *.tmp folder behind, never a half-written checkpoint."""
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    if os.path.exists(folder):  # replace an older checkpoint of the same name
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def save_pretrained(folder, net, ema=None, extra=None):
+    """Write config.json and model.safetensors (and ema.safetensors) into an existing folder."""
+    from safetensors.torch import save_file
+    cfg = net.cfg
+    config = {"model_type": model_type(cfg), "model": asdict(cfg), **(extra or {})}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name, module in (("model", net), ("ema", ema)):
+        if module is not None:
+            sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            save_file(sd, os.path.join(folder, f"{name}.safetensors"))
+
+
+def load_pretrained(folder, ema=True, device="cpu"):
+    """(net, config dict) from a checkpoint folder; EMA weights when present and asked for."""
+    from safetensors.torch import load_file
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json)")
+    with open(path) as f:
+        config = json.load(f)
+    net = build_model(config_from_dict(config.get("model_type"), config.get("model", {}), where=path))
+    name = "ema" if ema and os.path.isfile(os.path.join(folder, "ema.safetensors")) else "model"
+    load_weights(net, load_file(os.path.join(folder, f"{name}.safetensors")), where=os.path.join(folder, f"{name}.safetensors"))
+    return net.to(device).eval(), config
+
+
+def load_weights(net, sd, where):
+    """load_state_dict(strict=True), but first name every missing, unexpected or mis-shaped key."""
+    ours = net.state_dict()
+    missing = sorted(set(ours) - set(sd))
+    unexpected = sorted(set(sd) - set(ours))
+    shapes = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}" for k in ours
+              if k in sd and sd[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{where}: weights do not fit the model: missing {missing[:8]}, unexpected "
+                         f"{unexpected[:8]}, shape mismatches {shapes[:8]}"
+                         f" ({len(missing)}/{len(unexpected)}/{len(shapes)} in all)")
+    net.load_state_dict(sd, strict=True)
 
 
 # -----------------------------------------------------------------------------

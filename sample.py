@@ -1,0 +1,151 @@
+"""
+Sample images from a checkpoint: the deterministic EDM sampler (Karras et al. 2022, Algorithm 2:
+Heun's 2nd-order method on the Karras schedule) with classifier-free guidance.
+
+    python sample.py --ckpt out/default --prompt "a red circle on the left" --n 8
+    python sample.py --ckpt out/default --prompts-file captions.txt --out out/samples
+
+Each image has its own seed (seed + its index), so an image does not change with the batch size.
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from model import edm_precond
+
+
+@torch.no_grad()
+def edm_sampler(net, y, seeds, steps=30, guidance=5.0, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.9):
+    """Draw one latent per (caption features, seed). y (B, L, Dy) -> latents (B, C, H, W) in float32."""
+    cfg, device = net.cfg, y.device
+    shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    # the initial noise of each image comes from its own generator: batch-size independent
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                         for s in seeds]).to(device)
+    # Karras schedule (EDM Eq. 5): sigma_max -> sigma_min in steps, then 0
+    i = torch.arange(steps, dtype=torch.float64, device=device)
+    t = (sigma_max ** (1 / rho) + i / max(steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
+
+    def denoise(x, sigma):
+        # conditional and unconditional (all-zero caption) passes in one batch; guidance on the output
+        s = torch.full((x.shape[0],), float(sigma), device=device)
+        if guidance == 1.0:
+            return edm_precond(net, x.float(), s, y, sigma_data=sigma_data)[0].double()
+        D, _ = edm_precond(net, torch.cat([x, x]).float(), torch.cat([s, s]), torch.cat([y, torch.zeros_like(y)]),
+                           sigma_data=sigma_data)
+        cond, uncond = D.double().chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    x = noise * t[0]  # the ODE state stays in float64 (SPEC A3)
+    for k in range(steps):  # Algorithm 2 with S_churn = 0: Euler step, then Heun's correction
+        d = (x - denoise(x, t[k])) / t[k]
+        x_next = x + (t[k + 1] - t[k]) * d
+        if t[k + 1] > 0:
+            d2 = (x_next - denoise(x_next, t[k + 1])) / t[k + 1]
+            x_next = x + (t[k + 1] - t[k]) * (d + d2) / 2
+        x = x_next
+    return x.float()
+
+
+def latents_to_images(x, config):
+    """(B, C, H, W) latents -> list of uint8 (H, W, 3) arrays, by the checkpoint's latent space."""
+    kind = config.get("latents", {"type": "pixels"})["type"]
+    if kind != "pixels":  # VAE latents arrive with the real-data encoders (data.py)
+        raise ValueError(f"latent space {kind!r} is not supported by this sample.py")
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return list(x.permute(0, 2, 3, 1).cpu().numpy())
+
+
+def text_encoder(config):
+    """The frozen text encoder a checkpoint was trained with, from its config.json."""
+    spec = config.get("text_encoder", {})
+    if spec.get("type") == "builtin":
+        from data import BuiltinTextEncoder
+        return BuiltinTextEncoder(dim=spec["dim"], max_len=spec["max_len"])
+    raise ValueError(f"unknown text encoder in checkpoint config: {spec}")
+
+
+def image_grid(images, cols=None):
+    """Tile uint8 (H, W, 3) images into one PIL image."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    h, w, _ = images[0].shape
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, im in enumerate(images):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    return Image.fromarray(grid)
+
+
+def generate(net, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, progress=True):
+    """Images (uint8 arrays) for a list of prompts, the i-th with seed + i."""
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty")
+    encode, device = text_encoder(config), next(net.parameters()).device
+    images = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
+        chunk = prompts[start:start + batch_size]
+        y = encode(chunk).to(device)
+        x = edm_sampler(net, y, range(seed + start, seed + start + len(chunk)), steps, guidance)
+        images += latents_to_images(x, config)
+    return images
+
+
+def find_checkpoint(path):
+    """A checkpoint folder, or the newest complete one inside a training output folder."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if os.path.isdir(path):
+        ckpts = sorted(d for d in os.listdir(path) if d.startswith("ckpt-") and not d.endswith(".tmp")
+                       and os.path.isfile(os.path.join(path, d, "config.json")))
+        if ckpts:
+            return os.path.join(path, ckpts[-1])
+    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a folder with config.json, or a training "
+                            f"output folder with ckpt-* folders); run `python train.py` first")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default="out/default", help="checkpoint folder, or a training output folder (newest)")
+    ap.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
+    ap.add_argument("--prompts-file", help="a text file with one caption per line")
+    ap.add_argument("--n", type=int, default=1, help="images per prompt")
+    ap.add_argument("--steps", type=int, default=30, help="Heun steps (2 network calls each, 1 for the last)")
+    ap.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
+    ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--out", default="out/samples", help="folder for the PNGs and grid.png")
+    ap.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights exist")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    from model import load_pretrained
+    ckpt = find_checkpoint(args.ckpt)
+    net, config = load_pretrained(ckpt, ema=not args.no_ema, device=args.device)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:  # default: the held-out captions the checkpoint was evaluated on
+        prompts = config.get("eval_prompts", [])[:16]
+        if not prompts:
+            ap.error("give --prompt or --prompts-file")
+    prompts = [p for p in prompts for _ in range(args.n)]
+    images = generate(net, config, prompts, args.seed, args.steps, args.guidance, args.batch_size)
+    os.makedirs(args.out, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(os.path.join(args.out, f"{i:06d}.png"))
+    with open(os.path.join(args.out, "prompts.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    image_grid(images).save(os.path.join(args.out, "grid.png"))
+    print(f"{len(images)} images from {ckpt} -> {args.out}/ (000000.png ..., grid.png, prompts.txt)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Tests of data.py: shapes dataset and scorer, built-in text encoder, latent shards, streaming reader."""
+import json
+import os
+import re
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from scipy import ndimage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+from data import Obj  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dataset_images():
+    """300 training scenes at 32px, their captions and uint8 images (N, 32, 32, 3)."""
+    scenes = [data.train_scene(123, i) for i in range(300)]
+    return scenes, [data.caption(s) for s in scenes], np.stack([np.asarray(data.render(s)) for s in scenes])
+
+# -----------------------------------------------------------------------------
+# shapes dataset
+
+
+def test_caption_round_trip():
+    for i in range(500):
+        scene = data.train_scene(0, i)
+        assert data.parse_caption(data.caption(scene)) == scene
+    text = "a small red circle on the left and a large blue square at the bottom"
+    assert data.parse_caption(text) == (Obj("circle", "red", "left", "small"), Obj("square", "blue", "bottom", "large"))
+    assert data.parse_caption("A Large Cyan Triangle in the center.") == (Obj("triangle", "cyan", "center", "large"),)
+    for bad in ["a red circle on the left", "a small pink circle on the left", "", "a small red circle"]:
+        with pytest.raises(ValueError, match="caption"):
+            data.parse_caption(bad)
+
+
+@pytest.mark.parametrize("shape, fraction", [("square", 1.0), ("circle", np.pi / 4), ("triangle", 0.5)])
+def test_render_matches_geometry(shape, fraction):
+    # Closed forms, not the scorer: the object's coverage (red channel / palette red) sums to its
+    # area, its bounding box is where POSITIONS and SIZES put it, and it is drawn in its palette colour.
+    for res in (16, 32, 64):
+        img = np.asarray(data.render((Obj(shape, "red", "left", "large"),), res)).astype(np.float64)
+        side = data.SIZES["large"] * res
+        assert img.shape == (res, res, 3)
+        assert abs(img[..., 0].sum() / 235 - fraction * side**2) < 0.04 * side**2
+        ys, xs = np.nonzero(img[..., 0] > 235 / 2)
+        x0, y0 = (data.POSITIONS["left"][0] - data.SIZES["large"] / 2) * res, (0.5 - data.SIZES["large"] / 2) * res
+        assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - (x0 + side)) <= 1
+        assert abs(ys.min() - y0) <= 1 and abs(ys.max() + 1 - (y0 + side)) <= 1
+        inside = img[ys, xs]
+        assert np.abs(np.median(inside, 0) - data.COLOURS["red"]).max() < 20
+        assert img[:, int(x0 + side) + 3 :].max() == 0  # background beyond the LANCZOS kernel (3 pixels)
+
+
+def test_objects_never_overlap_and_differ(dataset_images):
+    scenes, _, images = dataset_images
+    two = [s for s in scenes if len(s) == 2]
+    assert 0.35 < len(two) / len(scenes) < 0.65  # one or two objects, equally likely
+    for a, b in two:
+        assert a.colour != b.colour and a.position != b.position
+        # Pixels at least half covered by one object are at least a pixel away from the other's.
+        one_a, one_b = (np.asarray(data.render((o,))).max(-1) > 235 / 2 for o in (a, b))
+        assert not (ndimage.binary_dilation(one_a, np.ones((3, 3))) & one_b).any()
+
+
+def test_determinism():
+    scenes = [data.train_scene(7, i) for i in range(50)]
+    assert scenes == [data.train_scene(7, i) for i in range(50)]
+    assert scenes != [data.train_scene(8, i) for i in range(50)]
+    assert data.render(scenes[3]).tobytes() == data.render(scenes[3]).tobytes()
+    assert data.heldout_captions(40, seed=1) == data.heldout_captions(40, seed=1)
+    assert data.heldout_captions(40, seed=1) != data.heldout_captions(40, seed=2)
+
+
+def test_heldout_never_in_training():
+    heldout = [data.parse_caption(c) for c in data.heldout_captions(1000)]
+    assert all(len(s) == 2 and data.is_heldout(s) for s in heldout)
+    assert all(data.is_heldout(s[::-1]) for s in heldout)  # "A and B" is held out exactly when "B and A" is
+    canonical = [data.caption(sorted(s)) for s in heldout]
+    distinct = len(set(canonical))
+    assert 300 < distinct < 1000 and len(set(canonical[:distinct])) == distinct  # each scene once, then repeats
+    # The unfiltered sampler does draw held-out scenes, so the filter has work to do ...
+    rng = np.random.default_rng(0)
+    raw = [data.sample_scene(rng) for _ in range(3000)]
+    assert 0.03 < np.mean([data.is_heldout(s) for s in raw]) < 0.1
+    assert any(data.caption(sorted(s)) in set(canonical) for s in raw)
+    # ... and the training generator never emits one.
+    train = [data.train_scene(0, i) for i in range(3000)]
+    assert not any(data.is_heldout(s) or data.caption(sorted(s)) in set(canonical) for s in train)
+
+
+# -----------------------------------------------------------------------------
+# scorer
+
+
+def test_scorer_on_dataset_images(dataset_images):
+    _, captions, images = dataset_images
+    result = data.score(images, captions)
+    assert all(result[k] >= 0.99 for k in ("shape", "colour", "position", "count", "mean")), result
+    pil_images = [Image.fromarray(x) for x in images[:50]]
+    assert data.score(pil_images, captions[:50]) == data.score(images[:50], captions[:50])
+    # Mild blur and noise, as in generated samples.
+    noisy = ndimage.gaussian_filter(images.astype(np.float32), (0, 0.6, 0.6, 0))
+    noisy += np.random.default_rng(0).normal(0, 10, noisy.shape)
+    result = data.score(np.clip(noisy, 0, 255).astype(np.uint8), captions)
+    assert all(result[k] >= 0.97 for k in ("shape", "colour", "position")), result
+
+
+def test_scorer_fails_on_wrong_images(dataset_images):
+    _, captions, images = dataset_images
+    shuffled = data.score(images, list(np.random.default_rng(0).permutation(captions)))
+    assert shuffled["shape"] < 0.5 and shuffled["colour"] < 0.5 and shuffled["mean"] < 0.5, shuffled
+    blank = data.score(np.zeros_like(images), captions)
+    assert blank["mean"] == 0 and blank["count"] == 0
+    noise = data.score(np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8), captions)
+    assert noise["colour"] < 0.3 and noise["mean"] < 0.5, noise
+    with pytest.raises(ValueError, match="uint8"):
+        data.score(images.astype(np.float32), captions)
+
+
+@pytest.mark.parametrize("attr", ["shape", "colour", "position"])
+def test_scorer_blames_the_wrong_attribute(attr):
+    # Draw each single-object caption with one attribute changed: only that attribute may score low.
+    names = {"shape": data.SHAPES, "colour": list(data.COLOURS), "position": list(data.POSITIONS)}[attr]
+    scenes = [s for s in (data.train_scene(5, i) for i in range(200)) if len(s) == 1][:60]
+    wrong = [(s[0]._replace(**{attr: names[(names.index(getattr(s[0], attr)) + 1) % len(names)]}),) for s in scenes]
+    result = data.score(np.stack([np.asarray(data.render(s)) for s in wrong]), [data.caption(s) for s in scenes])
+    assert result[attr] == 0, result
+    assert all(result[k] >= 0.99 for k in ("shape", "colour", "position") if k != attr), result
+
+# -----------------------------------------------------------------------------
+# built-in text encoder
+
+
+def test_text_encoder():
+    enc = data.BuiltinTextEncoder(dim=64, max_len=24)
+    out = enc(["a small red circle on the left", "A SMALL RED CIRCLE, on the left!"])
+    assert out.shape == (2, 24, 64) and out.dtype == torch.float32 and (enc.dim, enc.max_len) == (64, 24)
+    assert torch.equal(out[0], out[1])  # lower-cased words; punctuation is not a token
+    assert torch.equal(out, data.BuiltinTextEncoder(64, 24)(["a small red circle on the left"] * 2))
+    assert torch.equal(out[0, 7:], enc.pad.expand(17, 64))  # 7 words, then padding
+    # Word vectors are seeded by crc32 of the word (not hash(), which changes between processes), plus
+    # a sinusoidal position code; padding is the vector of "<pad>".
+    vector = lambda word: np.random.RandomState(zlib.crc32(word)).standard_normal(64)
+    assert np.allclose(out[0, 2] - enc.pos[2], vector(b"red"), atol=1e-6)
+    assert np.allclose(enc.pad, vector(b"<pad>"), atol=1e-6)
+    angles = torch.arange(24.0)[:, None] / 1e4 ** (torch.arange(0, 64, 2) / 64)  # (L, D/2)
+    assert torch.allclose(enc.pos, torch.stack([angles.sin(), angles.cos()], -1).flatten(1), atol=1e-5)
+    assert not torch.equal(enc(["a red circle"]), enc(["a red square"]))
+    long = " ".join(f"w{i}" for i in range(40))
+    assert torch.equal(enc([long]), enc([" ".join(long.split()[:24])]))  # truncated to max_len words
+    for bad in ["", "   ", "?!"]:
+        with pytest.raises(ValueError, match=re.escape(f"caption 1 has no words: {bad!r}")):
+            enc(["a red circle", bad])
+
+
+# -----------------------------------------------------------------------------
+# latent shards
+
+
+def write_records(root, n, shard_size=4):
+    """n records whose latent (2, 2, 2) and text (3, 4) are filled with the record number."""
+    with data.ShardWriter(root, shard_size, {"what": "test"}) as w:
+        for i in range(n):
+            w.add(torch.full((2, 2, 2), i + 0.25), torch.full((3, 4), -i / 7), f"record {i}")
+    return root
+
+
+def test_shard_round_trip(tmp_path):
+    root = write_records(str(tmp_path / "ds"), 10)
+    index = json.load(open(os.path.join(root, "index.json")))
+    assert index["count"] == 10 and [s["count"] for s in index["shards"]] == [4, 4, 2]
+    assert index["latent_shape"] == [2, 2, 2] and index["text_shape"] == [3, 4] and index["dtype"] == "float16"
+    assert index["meta"] == {"what": "test"}
+    assert sorted(os.listdir(root)) == ["index.json"] + [f"shard-0000{i}.safetensors" for i in range(3)]
+    with safe_open(os.path.join(root, "shard-00001.safetensors"), "pt") as f:  # the format, read directly
+        assert f.get_tensor("latents").dtype == torch.float16 and f.get_tensor("text").shape == (4, 3, 4)
+        assert json.loads(f.metadata()["captions"]) == [f"record {i}" for i in range(4, 8)]
+    everything = data.load_all(root)
+    ids = torch.arange(10.0)
+    assert torch.equal(everything["latent"], (ids + 0.25).half().float()[:, None, None, None].expand(10, 2, 2, 2))
+    assert torch.equal(everything["text"], (-ids / 7).half().float()[:, None, None].expand(10, 3, 4))
+    assert everything["caption"] == [f"record {i}" for i in range(10)]
+
+
+def test_shard_writer_errors(tmp_path):
+    root = write_records(str(tmp_path / "ds"), 3)
+    with pytest.raises(FileExistsError, match="ds"):
+        data.ShardWriter(root, 4)
+    with pytest.raises(ValueError, match="record 1"):
+        with data.ShardWriter(str(tmp_path / "bad"), 4) as w:
+            w.add(torch.zeros(2, 2, 2), torch.zeros(3, 4), "a")
+            w.add(torch.zeros(2, 2, 3), torch.zeros(3, 4), "b")
+    assert not os.path.exists(tmp_path / "bad" / "index.json")  # an interrupted write leaves no index
+
+
+def damage(path, how):
+    """Truncate a file, scribble over its header, or replace it by a valid shard of the wrong shape."""
+    raw = open(path, "rb").read()
+    if how == "truncated":
+        open(path, "wb").write(raw[:-100])
+    elif how == "corrupt":
+        open(path, "wb").write(b"\xff" * 16 + raw[16:])
+    else:
+        save_file({"latents": torch.zeros(4, 2, 2, 3, dtype=torch.float16), "text": torch.zeros(4, 3, 4).half()},
+                  path, metadata={"captions": json.dumps(["x"] * 4)})
+        index = json.load(open(os.path.join(os.path.dirname(path), "index.json")))
+        index["shards"][1]["bytes"] = os.path.getsize(path)  # so only the shapes are wrong
+        json.dump(index, open(os.path.join(os.path.dirname(path), "index.json"), "w"))
+
+
+@pytest.mark.parametrize("how, message", [("truncated", "292 bytes but index.json says 392"),
+                                          ("corrupt", "unreadable"), ("wrong shape", r"latents is .* \[4, 2, 2, 3\]")])
+def test_damaged_shard_is_named(tmp_path, how, message):
+    root = write_records(str(tmp_path / "ds"), 10)
+    path = os.path.join(root, "shard-00001.safetensors")
+    damage(path, how)
+    with pytest.raises(ValueError, match=f"{re.escape(path)}: .*{message}"):
+        data.load_all(root)
+
+
+def test_missing_files_are_named(tmp_path):
+    root = write_records(str(tmp_path / "ds"), 10)
+    os.remove(os.path.join(root, "shard-00002.safetensors"))
+    with pytest.raises(FileNotFoundError, match="shard-00002.safetensors"):
+        data.load_all(root)
+    open(os.path.join(root, "index.json"), "w").write("{not json")
+    with pytest.raises(ValueError, match="index.json"):
+        data.load_all(root)
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        data.load_all(str(tmp_path))
+
+# -----------------------------------------------------------------------------
+# streaming reader
+
+
+@pytest.fixture(scope="module")
+def stream_root(tmp_path_factory):
+    """24 records in 6 shards of 4."""
+    return write_records(str(tmp_path_factory.mktemp("stream") / "ds"), 24)
+
+
+def ids(samples):
+    """Record numbers of stream samples, read from their captions."""
+    return [int(s["caption"].split()[1]) for s in samples]
+
+
+def take(iterable, n):
+    it = iter(iterable)
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_yields_records(stream_root):
+    sample = next(iter(data.ShardStream(stream_root)))
+    i = ids([sample])[0]
+    assert sample["latent"].dtype == torch.float32 and sample["latent"].shape == (2, 2, 2)
+    assert torch.equal(sample["latent"], torch.full((2, 2, 2), i + 0.25).half().float())
+    assert torch.equal(sample["text"], torch.full((3, 4), -i / 7).half().float())
+
+
+def test_stream_ranks_split_each_epoch(stream_root):
+    for world_size in (1, 2, 3):
+        streams = [data.ShardStream(stream_root, seed=1, rank=r, world_size=world_size, shuffle_buffer=8)
+                   for r in range(world_size)]
+        for epoch in (0, 1):
+            orders = [s.epoch_order(epoch) for s in streams]
+            assert sorted(np.concatenate(orders)) == list(range(24))  # disjoint and covering
+        for s in streams:  # the stream follows epoch after epoch, each reshuffled
+            order = np.concatenate([s.epoch_order(e) for e in range(3)])
+            assert ids(take(s, len(order))) == list(order)
+            assert list(s.epoch_order(0)) != list(s.epoch_order(1))
+    assert list(streams[0].epoch_order(0)) != list(data.ShardStream(stream_root, seed=2, rank=0, world_size=3,
+                                                                    shuffle_buffer=8).epoch_order(0))
+
+
+def test_stream_workers_split_each_epoch(stream_root):
+    loader = torch.utils.data.DataLoader(data.ShardStream(stream_root, seed=4), batch_size=None, num_workers=2)
+    assert sorted(ids(take(loader, 24))) == list(range(24))  # 3 shards per worker, so the first 24 are epoch 0
+
+
+def test_stream_resume_equals_tail(stream_root):
+    for rank, world_size in ((0, 1), (1, 2)):
+        kw = dict(seed=3, rank=rank, world_size=world_size, shuffle_buffer=8)
+        full = ids(take(data.ShardStream(stream_root, **kw), 80))
+        for start in (1, 5, 8, 12, 37, 61):
+            assert ids(take(data.ShardStream(stream_root, start=start, **kw), 80 - start)) == full[start:]
+
+
+def test_stream_resume_with_workers(stream_root):
+    def batches(start, n):
+        loader = torch.utils.data.DataLoader(data.ShardStream(stream_root, seed=5, start=start, batch_size=4),
+                                             batch_size=4, num_workers=2, collate_fn=ids)
+        return take(loader, n)
+    assert batches(12, 5) == batches(0, 8)[3:]
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        batches(5, 1)
+
+
+def test_stream_resume_reads_no_skipped_shard(tmp_path):
+    root = write_records(str(tmp_path / "ds"), 24)
+    stream = data.ShardStream(root, seed=6, shuffle_buffer=4, start=4)
+    first_shard = stream.epoch_order(0)[0] // 4  # one shard per group: the first 4 samples come from it
+    expected = ids(take(data.ShardStream(root, seed=6, shuffle_buffer=4), 8))[4:]
+    damage(os.path.join(root, f"shard-{first_shard:05d}.safetensors"), "corrupt")
+    assert ids(take(stream, 4)) == expected
+
+
+def test_stream_too_few_shards(stream_root):
+    with pytest.raises(ValueError, match="6 shards cannot feed 7 ranks"):
+        next(iter(data.ShardStream(stream_root, rank=0, world_size=7)))
+
+# -----------------------------------------------------------------------------
+# the shapes command
+
+
+def test_shapes_command(tmp_path):
+    out = str(tmp_path / "shapes")
+    subprocess.run([sys.executable, "data.py", "shapes", "--out", out, "--n", "300", "--val", "40",
+                    "--shard-size", "128", "--seed", "2"], cwd=ROOT, check=True, capture_output=True)
+    index = data.read_index(out)
+    assert index["count"] == 300 and [s["count"] for s in index["shards"]] == [128, 128, 44]
+    assert index["latent_shape"] == [3, 32, 32] and index["text_shape"] == [24, 64]
+    train, val = data.load_all(out), data.load_all(os.path.join(out, "val"))
+    assert train["caption"] == [data.caption(data.train_scene(2, i)) for i in range(300)]
+    assert val["caption"] == data.heldout_captions(40, seed=2)
+    assert train["latent"].min() == -1 and train["latent"].max() <= 1
+    assert torch.equal(train["text"], data.BuiltinTextEncoder(64, 24)(train["caption"]).half().float())
+    result = data.score(data.latent_to_image(val["latent"]), val["caption"])
+    assert result["mean"] >= 0.99, result
+    # Asking again for the same dataset reuses it; asking for another one in the same place is an error.
+    mtime = os.path.getmtime(os.path.join(out, "index.json"))
+    data.make_shapes_dataset(out, 300, seed=2, shard_size=128, val=40)
+    assert os.path.getmtime(os.path.join(out, "index.json")) == mtime
+    with pytest.raises(ValueError, match="holds a different dataset"):
+        data.make_shapes_dataset(out, 500, seed=2, shard_size=128, val=40)
