@@ -50,8 +50,8 @@ PRESETS = {
     "MicroDiT_XL_2": MicroDiTConfig(),
     "MicroDiT_Tiny_2": MicroDiTConfig(dim=512, depth=16, head_dim=32, mixer_depth=4, mixer_dim=512),
     # CPU-sized, for the built-in 32x32 RGB shapes dataset (pixels are the "latents")
-    "MicroDiT_S": MicroDiTConfig(latent_size=32, latent_channels=3, patch_size=2, dim=128, depth=6,
-                                 head_dim=32, caption_dim=64, mixer_depth=2, mixer_dim=96, num_experts=4,
+    "MicroDiT_S": MicroDiTConfig(latent_size=32, latent_channels=3, patch_size=4, dim=128, depth=6,
+                                 head_dim=32, caption_dim=64, mixer_depth=2, mixer_dim=128, num_experts=4,
                                  mlp_ratio=(1.0, 4.0), multiple_of=32),
     # tiny, for tests: every ingredient present (mixer with width maps, MoE in mixer and backbone)
     "MicroDiT_test": MicroDiTConfig(latent_size=8, latent_channels=3, patch_size=2, dim=32, depth=3, head_dim=8,
@@ -419,6 +419,438 @@ class MicroDiT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# UNet family of Paper B (Table 1): SD2, DeepFloyd-IF, SDXL and transformer-depth variants.
+# A hand-written text-conditioned UNet laid out like diffusers' UNet2DConditionModel (the
+# layout the paper's parameter counts fit to within 1%), used as the EDM network F exactly
+# like MicroDiT: net(x, c_noise, y) -> (out, None).
+
+
+@dataclass
+class UNetConfig:
+    latent_channels: int = 4  # SDXL VAE latents (SPEC B)
+    caption_dim: int = 1024  # caption token width (OpenCLIP-H) = cross-attention key/value width
+    base_channels: int = 320  # C of Table 1; level i has C * channel_mult[i] channels
+    channel_mult: tuple = (1, 2, 4)  # one level per resolution, each halves H and W
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
+    transformer_depth: tuple = (0, 2, 10)  # transformer blocks after each ResBlock, per level (0 = no attention)
+    mid_depth: int = 10  # transformer blocks in the middle block (0 = none)
+    head_dim: int = 64  # attention heads = channels / head_dim
+    block_type: str = "sd"  # "sd": SD2/SDXL blocks; "if": DeepFloyd-IF blocks (see UNet docstring)
+    norm_groups: int = 32  # GroupNorm groups everywhere
+    pooled_caption: bool = False  # add an MLP of the mean-pooled caption to the timestep embedding, as MicroDiT does
+    latent_size: int = 32  # latent H = W the model is trained at (32 = 256px)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, timestep embedding in between; optional 2x down/up resampling (IF)."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, groups, scale_shift=False, resample=None):
+        super().__init__()
+        self.scale_shift = scale_shift  # IF: emb gives a scale and shift of norm2; SD: emb is added before norm2
+        self.resample = resample  # None, "down" (2x2 average pool) or "up" (nearest), IF's resampling ResBlocks
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-5)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-5)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = F.silu(self.norm1(x))  # (B, in_ch, H, W)
+        if self.resample == "down":
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        elif self.resample == "up":
+            h, x = F.interpolate(h, scale_factor=2.0), F.interpolate(x, scale_factor=2.0)  # nearest
+        h = self.conv1(h)  # (B, out_ch, H', W')
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, out_ch or 2*out_ch, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(F.silu(h))
+        return self.skip(x) + h
+
+
+def no_qk_norm(t):
+    return t  # SD2/SDXL and IF attention have no QK-norm
+
+
+class SDAttention(nn.Module):
+    """SD2/SDXL attention of image tokens over themselves (ctx=None) or over the caption tokens."""
+
+    def __init__(self, dim, ctx_dim, head_dim):
+        super().__init__()
+        self.heads = dim // head_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(ctx_dim, dim, bias=False)
+        self.to_v = nn.Linear(ctx_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx=None):
+        ctx = x if ctx is None else ctx  # (B, S, ctx_dim)
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)  # (B, T, dim), (B, S, dim), (B, S, dim)
+        return self.to_out(attention(q, k, v, self.heads, no_qk_norm, no_qk_norm))
+
+
+class GEGLU(nn.Module):
+    """GEGLU feed-forward of SD: h * gelu(gate) with hidden width 4 * dim."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * 4 * dim)
+        self.out = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)  # (B, T, 4*dim) each
+        return self.out(h * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: self-attention, cross-attention to the caption, GEGLU feed-forward."""
+
+    def __init__(self, dim, ctx_dim, head_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = SDAttention(dim, dim, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = SDAttention(dim, ctx_dim, head_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLU(dim)
+
+    def forward(self, x, y):
+        x = x + self.attn1(self.norm1(x))  # (B, T, dim)
+        x = x + self.attn2(self.norm2(x), y)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """SD2/SDXL transformer on a feature map: GroupNorm, linear in-projection, blocks, linear out-projection."""
+
+    def __init__(self, ch, depth, ctx_dim, head_dim, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.blocks = nn.ModuleList([TransformerBlock(ch, ctx_dim, head_dim) for _ in range(depth)])
+        self.proj_out = nn.Linear(ch, ch)
+
+    def forward(self, x, y):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, H*W, C)
+        for block in self.blocks:
+            h = block(h, y)
+        h = self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+        return x + h
+
+
+class IFAttention(nn.Module):
+    """DeepFloyd-IF attention: self-attention whose keys/values also hold the caption tokens; no FFN."""
+
+    def __init__(self, ch, ctx_dim, head_dim, groups):
+        super().__init__()
+        self.heads = ch // head_dim
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-5)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.add_k = nn.Linear(ctx_dim, ch)
+        self.add_v = nn.Linear(ctx_dim, ch)
+        self.to_out = nn.Linear(ch, ch)
+
+    def forward(self, x, y):
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        k = torch.cat([self.add_k(y), self.to_k(h)], dim=1)  # (B, L + H*W, C), caption tokens first
+        v = torch.cat([self.add_v(y), self.to_v(h)], dim=1)
+        h = self.to_out(attention(self.to_q(h), k, v, self.heads, no_qk_norm, no_qk_norm))  # (B, H*W, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv halving H and W (SD2/SDXL)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb):  # emb unused: same call as IF's resampling ResBlock
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling then a 3x3 conv (SD2/SDXL)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, emb):  # emb unused: same call as IF's resampling ResBlock
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNetLevel(nn.Module):
+    """One resolution of the UNet: ResBlocks res[i], each followed by attn[i] (if any), then a resampler."""
+
+    def __init__(self, res, attn, resample=None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)  # empty at levels without transformer blocks
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """Text-conditioned UNet of Paper B Table 1, the EDM network F: (x, c_noise, y) -> (out, None).
+
+    block_type "sd" (SD2, SDXL, TD variants): ResBlocks with the embedding added before norm2,
+    SpatialTransformers (self-attn, cross-attn, GEGLU, linear in/out projections), strided-conv
+    downsampling and nearest + conv upsampling. block_type "if" (DeepFloyd-IF): scale-shift
+    ResBlocks, IFAttention (caption tokens joined to the self-attention keys, no FFN), and
+    ResBlocks that average-pool / nearest-upsample inside as resamplers.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C, groups, hd = cfg.base_channels, cfg.norm_groups, cfg.head_dim
+        ch = [C * m for m in cfg.channel_mult]
+        depth = tuple(cfg.transformer_depth)
+        if len(depth) != len(ch):
+            raise ValueError(f"UNetConfig: transformer_depth {depth} needs one entry per level of "
+                             f"channel_mult {tuple(cfg.channel_mult)}")
+        if cfg.block_type not in ("sd", "if"):
+            raise ValueError(f"UNetConfig: block_type must be 'sd' or 'if', got {cfg.block_type!r}")
+        if cfg.block_type == "if" and max(depth + (cfg.mid_depth,)) > 1:
+            raise ValueError(f"UNetConfig: block_type 'if' has one attention per ResBlock, so depths must be "
+                             f"0 or 1, got transformer_depth {depth}, mid_depth {cfg.mid_depth}")
+        for c in ch:
+            if c % groups or c % hd:
+                raise ValueError(f"UNetConfig: channels {c} must be divisible by norm_groups {groups} "
+                                 f"and head_dim {hd}")
+        emb_dim = 4 * C  # SD/IF timestep embedding width
+        is_if = cfg.block_type == "if"
+
+        def res_block(c_in, c_out, resample=None):
+            return ResBlock(c_in, c_out, emb_dim, groups, scale_shift=is_if, resample=resample)
+
+        def attn_block(c, d):
+            if is_if:
+                return IFAttention(c, cfg.caption_dim, hd, groups)
+            return SpatialTransformer(c, d, cfg.caption_dim, hd, groups)
+
+        self.t_embedder = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # Paper B trains with "no extra conditioning"; pooled_caption adds MicroDiT's pooled-caption path.
+        self.y_embedder = Mlp(cfg.caption_dim, emb_dim) if cfg.pooled_caption else None
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+
+        # Down path: every ResBlock(+attention) output and every downsampled map is kept for a skip.
+        skip_ch, c = [ch[0]], ch[0]
+        self.down = nn.ModuleList()
+        for i, c_out in enumerate(ch):
+            res, attn = [], []
+            for _ in range(cfg.num_res_blocks):
+                res.append(res_block(c, c_out))
+                c = c_out
+                if depth[i]:
+                    attn.append(attn_block(c, depth[i]))
+                skip_ch.append(c)
+            resample = None
+            if i < len(ch) - 1:
+                resample = res_block(c, c, "down") if is_if else Downsample(c)
+                skip_ch.append(c)
+            self.down.append(UNetLevel(res, attn, resample))
+
+        # Middle: ResBlock, transformer (SDXL puts its 10-deep one here too), ResBlock.
+        mid_attn = [attn_block(c, cfg.mid_depth)] if cfg.mid_depth else []
+        self.mid = UNetLevel([res_block(c, c), res_block(c, c)], mid_attn)
+
+        # Up path: num_res_blocks + 1 ResBlocks per level, each eating one skip (last in, first out).
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(ch))):
+            res, attn = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                res.append(res_block(c + skip_ch.pop(), ch[i]))
+                c = ch[i]
+                if depth[i]:
+                    attn.append(attn_block(c, depth[i]))
+            resample = None
+            if i > 0:
+                resample = res_block(c, c, "up") if is_if else Upsample(c)
+            self.up.append(UNetLevel(res, attn, resample))
+
+        self.norm_out = nn.GroupNorm(groups, ch[0], eps=1e-5)
+        self.conv_out = nn.Conv2d(ch[0], cfg.latent_channels, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # PyTorch default init everywhere, then zero the last layer of every residual branch and
+        # the output conv as LDM/SD and ADM do: each block starts as the identity and F(x) = 0,
+        # so the EDM denoiser starts at D(x) = c_skip * x.
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight)
+                nn.init.zeros_(m.conv2.bias)
+            elif isinstance(m, SpatialTransformer):
+                nn.init.zeros_(m.proj_out.weight)
+                nn.init.zeros_(m.proj_out.bias)
+            elif isinstance(m, IFAttention):
+                nn.init.zeros_(m.to_out.weight)
+                nn.init.zeros_(m.to_out.bias)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, c_noise, y, mask_ratio=0.0):
+        if mask_ratio:
+            raise ValueError(f"UNet.forward: the UNet has no patches to mask, mask_ratio must be 0 (got {mask_ratio})")
+        cfg = self.cfg
+        n = 2 ** (len(cfg.channel_mult) - 1)  # total downsampling
+        if x.shape[1] != cfg.latent_channels or x.shape[2] % n or x.shape[3] % n:
+            raise ValueError(f"UNet.forward: x {tuple(x.shape)} needs {cfg.latent_channels} channels "
+                             f"and H, W divisible by {n}")
+        emb = self.t_embedder(timestep_embedding(c_noise, cfg.base_channels).to(self.conv_in.weight.dtype))  # (B, 4C)
+        if self.y_embedder is not None:
+            emb = emb + self.y_embedder(y.mean(dim=1))  # mean over all L tokens, padding included, as MicroDiT
+
+        x = self.conv_in(x)  # (B, C, H, W)
+        skips = [x]
+        for level in self.down:
+            for i, res in enumerate(level.res):
+                x = res(x, emb)
+                if level.attn:
+                    x = level.attn[i](x, y)
+                skips.append(x)
+            if level.resample is not None:
+                x = level.resample(x, emb)  # (B, c, H/2, W/2)
+                skips.append(x)
+
+        x = self.mid.res[0](x, emb)
+        if self.mid.attn:
+            x = self.mid.attn[0](x, y)
+        x = self.mid.res[1](x, emb)
+
+        for level in self.up:
+            for i, res in enumerate(level.res):
+                x = res(torch.cat([x, skips.pop()], dim=1), emb)  # (B, c + skip_c, h, w) -> (B, c, h, w)
+                if level.attn:
+                    x = level.attn[i](x, y)
+            if level.resample is not None:
+                x = level.resample(x, emb)  # (B, c, 2h, 2w)
+
+        x = self.conv_out(F.silu(self.norm_out(x)))  # (B, latent_channels, H, W)
+        return x, None
+
+
+def _sd2(C):
+    return UNetConfig(base_channels=C, channel_mult=(1, 2, 4, 4), transformer_depth=(1, 1, 1, 0), mid_depth=1)
+
+
+def _if(C):
+    # Paper B gives IF-XL as [1,2,3,4], 3 res, attn [4,2,1], TD [1,1,1]. Both rows fit (within
+    # 0.3%) when "attn [4,2,1]" is read literally as attention at downsampling rates 1, 2, 4
+    # (levels 0-2, none at the 4x4 level; the released IF-I-XL instead attends at rates 2, 4, 8)
+    # with IF's block types and a middle attention. See README "UNet family".
+    return UNetConfig(base_channels=C, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                      transformer_depth=(1, 1, 1, 0), mid_depth=1, block_type="if")
+
+
+def _sdxl(C, td=(0, 2, 10)):
+    # SDXL puts the deepest level's transformer depth in the middle block as well.
+    return UNetConfig(base_channels=C, channel_mult=(1, 2, 4), transformer_depth=td, mid_depth=td[-1])
+
+
+UNET_PRESETS = {
+    # Paper B, Table 1: 4 latent channels, 1024-wide OpenCLIP-H caption, head_dim 64, 32x32 latents.
+    "UNet_SD2_C320": _sd2(320),
+    "UNet_SD2_C512": _sd2(512),
+    "UNet_IF_XL_C512": _if(512),
+    "UNet_IF_XL_C704": _if(704),
+    "UNet_SDXL_C128": _sdxl(128),
+    "UNet_SDXL_C192": _sdxl(192),
+    "UNet_SDXL_C320": _sdxl(320),  # the original SDXL layout
+    "UNet_SDXL_C384": _sdxl(384),
+    "UNet_TD2": _sdxl(320, (0, 2, 2)),
+    "UNet_TD4": _sdxl(320, (0, 2, 4)),
+    "UNet_TD12": _sdxl(320, (0, 2, 12)),
+    "UNet_TD14": _sdxl(320, (0, 2, 14)),
+    "UNet_TD4_4": _sdxl(320, (0, 4, 4)),  # the paper's "efficient UNet"
+    "UNet_TD4_8": _sdxl(320, (0, 4, 8)),
+    "UNet_TD4_12": _sdxl(320, (0, 4, 12)),
+    "UNet_C384_TD4_12": _sdxl(384, (0, 4, 12)),
+    # CPU-sized, for the built-in 32x32 RGB shapes dataset: SDXL-style (no attention at full
+    # resolution), 4.2M params and 0.56 forward GMACs per image, about MicroDiT_S unmasked (0.60).
+    # The pooled caption path makes its conditioning the same as MicroDiT_S's.
+    "UNet_S": UNetConfig(latent_channels=3, caption_dim=64, base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+                         transformer_depth=(0, 1, 1), mid_depth=1, head_dim=32, norm_groups=8, pooled_caption=True),
+    # Tests: width 32, 8x8 latents, 16-wide captions.
+    "UNet_test": UNetConfig(latent_channels=3, caption_dim=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                            transformer_depth=(1, 1), mid_depth=1, head_dim=16, norm_groups=8,
+                            pooled_caption=True, latent_size=8),
+}
+
+# Paper B Table 1: name -> (params in B, GMACs at 256px, attention GMACs), printed beside our counts.
+PAPER_B_TABLE1 = {
+    "UNet_SD2_C320": (0.87, 86, 34), "UNet_SD2_C512": (2.19, 219, 85),
+    "UNet_IF_XL_C512": (2.04, 194, 23), "UNet_IF_XL_C704": (3.83, 364, 42),
+    "UNet_SDXL_C128": (0.42, 35, 23), "UNet_SDXL_C192": (0.90, 75, 48),
+    "UNet_SDXL_C320": (2.39, 198, 127), "UNet_SDXL_C384": (3.40, 282, 179),
+    "UNet_TD2": (0.85, 98, 43), "UNet_TD4": (1.24, 123, 64), "UNet_TD12": (2.78, 223, 147),
+    "UNet_TD14": (3.16, 248, 168), "UNet_TD4_4": (1.32, 143, 84), "UNet_TD4_8": (2.09, 193, 123),
+    "UNet_TD4_12": (2.86, 243, 167), "UNet_C384_TD4_12": (4.07, 346, 237),
+}
+
+
+def unet_macs(cfg, latent_size=None, num_tokens=77):
+    """Forward multiply-accumulates of one image, by FlopCounterMode on the meta device (FLOPs = 2 * MACs).
+
+    total: every op. sdpa: the QK^T and softmax(.)V matmuls (SDPA runs them as bmm on the meta
+    device). attn: conv/linear MACs inside the down- and up-path transformer (IF: attention)
+    blocks; mid_attn: the same inside the middle block. Paper B's Table 1 matches
+    GMACs = total - sdpa and attn GMACs = attn (README "UNet family"): its counter saw only
+    conv and linear layers, and its attention column leaves out the middle block.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    s = latent_size or cfg.latent_size
+    with torch.device("meta"):
+        net = UNet(cfg)
+        x = torch.zeros(1, cfg.latent_channels, s, s)
+        c_noise, y = torch.zeros(1), torch.zeros(1, num_tokens, cfg.caption_dim)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, c_noise, y)
+    counts = counter.get_flop_counts()  # {"UNet.down.1.attn.0": {op: flops}, ..., "Global": {...}}
+    sdpa = sum(v for op, v in counts["Global"].items() if "bmm" in str(op))
+    attn = mid_attn = 0
+    for name, m in net.named_modules():
+        if isinstance(m, (SpatialTransformer, IFAttention)):
+            linear = sum(v for op, v in counts[f"UNet.{name}"].items() if "bmm" not in str(op))
+            if name.startswith("mid."):
+                mid_attn += linear
+            else:
+                attn += linear
+    return {"total": counter.get_total_flops() / 2, "sdpa": sdpa / 2, "attn": attn / 2, "mid_attn": mid_attn / 2}
+
+
+def print_unet_table(latent_size=32):
+    """Print params, GMACs and attention GMACs of the 16 Table-1 presets beside Paper B's figures."""
+    print(f"UNet presets at a {latent_size}x{latent_size} latent (256px), MACs by FlopCounterMode on the meta device.")
+    print("GMACs: all ops; -sdpa: without the QK^T / softmax(.)V matmuls; attn: conv/linear MACs in the")
+    print("down/up transformer blocks (the reading that fits Paper B); +mid: with the middle block's. [paper]")
+    print(f"{'preset':17s} | {'params B [paper]':>20s} | {'GMACs [paper]':>19s} | {'-sdpa':>6s} | "
+          f"{'attn [paper]':>12s} {'share [paper]':>15s} | {'+mid':>6s}")
+    for name, (p_ref, g_ref, a_ref) in PAPER_B_TABLE1.items():
+        cfg = UNET_PRESETS[name]
+        n = param_count(cfg) / 1e9
+        m = {k: v / 1e9 for k, v in unet_macs(cfg, latent_size).items()}
+        lin = m["total"] - m["sdpa"]
+        print(f"{name:17s} | {n:6.3f} [{p_ref:4.2f}] {n / p_ref - 1:+5.1%} | "
+              f"{m['total']:6.1f} [{g_ref:3d}] {m['total'] / g_ref - 1:+5.1%} | "
+              f"{lin:6.1f} | {m['attn']:6.1f} [{a_ref:3d}] {m['attn'] / lin:6.1%} [{a_ref / g_ref:5.1%}] | "
+              f"{m['attn'] + m['mid_attn']:6.1f}")
+    a, b = param_count(UNET_PRESETS["UNet_TD4_4"]), param_count(UNET_PRESETS["UNet_SDXL_C320"])
+    ma, mb = unet_macs(UNET_PRESETS["UNet_TD4_4"], latent_size), unet_macs(UNET_PRESETS["UNet_SDXL_C320"], latent_size)
+    print(f"TD4_4 vs SDXL C320: {1 - a / b:.1%} fewer params, {1 - ma['total'] / mb['total']:.1%} fewer MACs "
+          f"({1 - (ma['total'] - ma['sdpa']) / (mb['total'] - mb['sdpa']):.1%} without sdpa) [paper: 45%, 28%]")
+
+
+# -----------------------------------------------------------------------------
 # building, by preset name or config
 
 
@@ -428,7 +860,8 @@ def get_config(name, **overrides):
     return replace(PRESETS[name], **overrides)
 
 
-MODELS = {"MicroDiT": (MicroDiTConfig, lambda cfg: MicroDiT(cfg))}  # config class name -> (config, network)
+PRESETS.update(UNET_PRESETS)  # one dict of every model preset
+MODELS = {"MicroDiT": (MicroDiTConfig, MicroDiT), "UNet": (UNetConfig, UNet)}  # type -> (config class, network)
 
 
 def build_model(cfg):
@@ -455,6 +888,12 @@ def config_from_dict(kind, d, where="config"):
 
 def num_params(net):
     return sum(p.numel() for p in net.parameters())
+
+
+def param_count(cfg):
+    """Parameters of a config's network, built on the meta device (no memory, instant)."""
+    with torch.device("meta"):
+        return num_params(build_model(cfg))
 
 
 # -----------------------------------------------------------------------------
@@ -581,9 +1020,11 @@ def flops_per_image(cfg, mask_ratio=0.0, train=True, caption_len=77):
 
 
 if __name__ == "__main__":
-    # parameter counts and FLOPs of every preset: python model.py
+    # parameter counts and FLOPs of the MicroDiT presets, then the UNets beside Paper B's Table 1
     for name, cfg in PRESETS.items():
-        with torch.device("meta"):
-            n = num_params(build_model(cfg))
-        f0, f75 = flops_per_image(cfg, 0.0), flops_per_image(cfg, 0.75)
-        print(f"{name:16s} params {n:>15,d}   train GFLOPs/image: mask 0 {f0 / 1e9:10.2f}, mask 0.75 {f75 / 1e9:10.2f}")
+        if isinstance(cfg, MicroDiTConfig):
+            f0, f75 = flops_per_image(cfg, 0.0), flops_per_image(cfg, 0.75)
+            print(f"{name:16s} params {param_count(cfg):>15,d}   train GFLOPs/image: mask 0 {f0 / 1e9:9.2f}, "
+                  f"mask 0.75 {f75 / 1e9:9.2f}")
+    print()
+    print_unet_table()

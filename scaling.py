@@ -1,0 +1,452 @@
+"""
+What a training run costs and what it will reach.
+
+Cost: training FLOPs from model.py's per-image counter x images seen, for any config and for the
+whole four-stage MicroDiT recipe (SPEC A4), turned into GPU-hours and dollars; and the MFU that the
+paper's own figures imply ($1,890, 2.6 days on 8 H100s, "Stretching Each Dollar", Sehwag et al. 2024).
+Fits: power laws S = a X^b on the Pareto frontier ("On the Scalability of Diffusion-based
+Text-to-Image Generation", Li et al. 2024), the Chinchilla form L(N, D) = E + A/N^alpha + B/D^beta
+fitted as in Hoffmann et al. 2022 (approach 3) and Besiroglu et al. 2024 (SPEC C), bootstrap
+intervals, and the compute-optimal split of a budget that the fitted form implies.
+Sweep: a grid of small train.py runs on the built-in dataset, fitted and plotted.
+
+    python scaling.py cost [--preset MicroDiT_XL_2] [--gpu-peak 989.4] [--mfu 0.4] [--price 3.75]
+    python scaling.py sweep [--out results.jsonl]
+    python scaling.py fit results.jsonl [--plot scaling.png]
+"""
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from model import PRESETS, build_model, flops_per_image, get_config, num_params
+
+# -----------------------------------------------------------------------------
+# compute and cost
+
+# NVIDIA's H100 SXM datasheet gives BF16 Tensor Core 1,979 TFLOPS "with sparsity" (2:4); dense is half of that
+H100_BF16_PEAK = 989.4e12  # FLOP/s, bf16 dense
+PRICE_PER_GPU_HOUR = 3.75  # dollars per H100-hour, as the paper prices its run (SPEC A1)
+DEFAULT_MFU = 0.4          # an assumption for pricing runs; the paper's own run implies less: `python scaling.py cost`
+PAPER_DAYS, PAPER_GPUS, PAPER_DOLLARS = 2.6, 8, 1890  # the paper's run: 2.6 days on one 8xH100 machine, $1,890
+
+BATCH = 2048  # images per step, all four stages (SPEC A4)
+RECIPE = [    # (stage, resolution in pixels, mask ratio, steps): SPEC A4
+    (1, 256, 0.75, 250_000),
+    (2, 256, 0.0, 30_000),
+    (3, 512, 0.75, 50_000),
+    (4, 512, 0.0, 5_000),
+]
+
+
+def stage_config(cfg, res):
+    """The config at a training resolution: SDXL VAE latents are res/8; 512px keeps 256px's position range."""
+    return replace(cfg, latent_size=res // 8, pos_interp_scale=res / 256)
+
+
+def train_flops(cfg, images, mask_ratio=0.0):
+    """Training FLOPs (forward + backward) of `images` images through the network at cfg's latent size."""
+    # Latents and caption features are precomputed (SPEC A4), so the VAE and text encoder cost nothing here.
+    return flops_per_image(cfg, mask_ratio, train=True) * images
+
+
+def recipe_stages(preset="MicroDiT_XL_2", batch=BATCH, recipe=RECIPE):
+    """One dict per stage of the recipe: stage, res, mask_ratio, steps, images, flops_per_image, flops."""
+    cfg = get_config(preset) if isinstance(preset, str) else preset
+    stages = []
+    for stage, res, mask_ratio, steps in recipe:
+        f = flops_per_image(stage_config(cfg, res), mask_ratio, train=True)
+        stages.append(dict(stage=stage, res=res, mask_ratio=mask_ratio, steps=steps, images=steps * batch,
+                           flops_per_image=f, flops=f * steps * batch))
+    return stages
+
+
+def gpu_hours(flops, gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU):
+    """GPU-hours to do `flops` at a fraction `mfu` of the GPU's peak FLOP/s."""
+    return flops / (gpu_peak * mfu) / 3600
+
+
+def dollars(hours, price=PRICE_PER_GPU_HOUR):
+    return hours * price
+
+
+def implied_mfu(flops, days=PAPER_DAYS, gpus=PAPER_GPUS, gpu_peak=H100_BF16_PEAK):
+    """The MFU at which `flops` take `days` on `gpus` GPUs."""
+    return flops / (days * 86400 * gpus * gpu_peak)
+
+
+def run_cost(cfg, steps, batch_size, mask_ratio=0.0, gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU,
+             price=PRICE_PER_GPU_HOUR):
+    """Estimate for one training run (train.py prints it at start): {'flops', 'gpu_hours', 'dollars'}."""
+    flops = train_flops(cfg, steps * batch_size, mask_ratio)
+    hours = gpu_hours(flops, gpu_peak, mfu)
+    return dict(flops=flops, gpu_hours=hours, dollars=dollars(hours, price))
+
+
+def print_cost(preset="MicroDiT_XL_2", gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU, price=PRICE_PER_GPU_HOUR):
+    """The recipe's cost table, stage by stage, and the MFU the paper's figures imply."""
+    stages = recipe_stages(preset)
+    print(f"{preset}, batch {BATCH}, peak {gpu_peak / 1e12:.1f} TFLOP/s, MFU {mfu:.0%}, ${price:.2f}/GPU-hour")
+    print(f"{'stage':>5} {'res':>4} {'mask':>5} {'steps':>8} {'images':>10} {'GFLOPs/img':>11} "
+          f"{'FLOPs':>9} {'GPU-h':>9} {'$':>9}")
+    for s in stages:
+        h = gpu_hours(s["flops"], gpu_peak, mfu)
+        print(f"{s['stage']:>5} {s['res']:>4} {s['mask_ratio']:>5.2f} {s['steps']:>8,} {s['images']:>10.3g} "
+              f"{s['flops_per_image'] / 1e9:>11.1f} {s['flops']:>9.3g} {h:>9.4g} {dollars(h, price):>9,.0f}")
+    total = sum(s["flops"] for s in stages)
+    h = gpu_hours(total, gpu_peak, mfu)
+    print(f"{'total':>5} {'':>4} {'':>5} {sum(s['steps'] for s in stages):>8,} "
+          f"{sum(s['images'] for s in stages):>10.3g} {'':>11} {total:>9.3g} {h:>9.4g} {dollars(h, price):>9,.0f}")
+    m = implied_mfu(total, gpu_peak=gpu_peak)
+    hours = PAPER_DAYS * 24 * PAPER_GPUS
+    print(f"implied MFU of the paper's run: {total:.3g} FLOPs / ({PAPER_DAYS} days x {PAPER_GPUS} GPUs x "
+          f"{gpu_peak / 1e12:.1f} TFLOP/s) = {m:.1%}")
+    print(f"at that MFU: {hours:.0f} GPU-hours, ${dollars(hours, price):,.0f} (the paper: ${PAPER_DOLLARS:,})")
+    return stages
+
+
+# -----------------------------------------------------------------------------
+# power laws on the Pareto frontier (Li et al. 2024)
+
+
+def pareto_frontier(x, y, maximize=True):
+    """Indices, by increasing x, of the points that no point of lower-or-equal x matches or beats in y."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    sign = 1.0 if maximize else -1.0
+    order = np.lexsort((-sign * y, x))  # by x; at equal x the best y first, so only it can be kept
+    keep, best = [], -np.inf
+    for i in order:
+        if sign * y[i] > best:
+            keep.append(i)
+            best = sign * y[i]
+    return np.array(keep, dtype=int)
+
+
+def fit_power_law(x, y):
+    """(a, b) of y = a x^b, by least squares on log y = log a + b log x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(np.unique(x)) < 2:
+        raise ValueError(f"fit_power_law: need at least 2 distinct x values, got {len(np.unique(x))}")
+    if (x <= 0).any() or (y <= 0).any():
+        raise ValueError("fit_power_law: x and y must be positive (the fit is in log-log space)")
+    b, log_a = np.polyfit(np.log(x), np.log(y), 1)
+    return np.exp(log_a), b
+
+
+def fit_frontier_power_law(x, y, maximize=True):
+    """(a, b) of y = a x^b fitted on the Pareto frontier of the points only, as Li et al. fit TIFA scores."""
+    i = pareto_frontier(x, y, maximize)
+    return fit_power_law(np.asarray(x, float)[i], np.asarray(y, float)[i])
+
+
+# -----------------------------------------------------------------------------
+# L(N, D) = E + A / N^alpha + B / D^beta, fitted as Chinchilla approach 3 (SPEC C)
+
+CHINCHILLA_GRID = list(itertools.product(  # initialisations (a, b, e, alpha, beta), 6*6*5*5*5 = 4,500
+    np.arange(0, 30, 5.0), np.arange(0, 30, 5.0), np.arange(-1, 1.01, 0.5),
+    np.arange(0, 2.01, 0.5), np.arange(0, 2.01, 0.5)))
+HUBER_DELTA = 1e-3
+LBFGS_TIGHT = dict(ftol=1e-14, gtol=1e-10, maxiter=2000)  # for the final run from the best start: see fit_chinchilla
+
+
+def huber(r, delta=HUBER_DELTA):
+    """Huber loss of residuals r: quadratic within delta, linear beyond, continuous in value and slope."""
+    a = np.abs(r)
+    return np.where(a <= delta, 0.5 * r ** 2, delta * (a - 0.5 * delta))
+
+
+def chinchilla_objective(theta, log_N, log_D, log_L, delta=HUBER_DELTA):
+    """Summed Huber loss of log L and its gradient in theta = (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = theta
+    # log L = LSE(a - alpha log N, b - beta log D, e), with A, B, E = exp(a, b, e): positive by construction
+    z = np.stack([a - alpha * log_N, b - beta * log_D, np.full_like(log_N, e)])  # (3, P)
+    m = z.max(axis=0)
+    w = np.exp(z - m)  # (3, P)
+    s = w.sum(axis=0)
+    pred = m + np.log(s)  # (P,)
+    w /= s  # softmax weights: d pred / d (a, b, e)
+    r = pred - log_L
+    # summed, not averaged: an averaged loss is so small that L-BFGS stops early (Besiroglu et al. 2024)
+    loss = huber(r, delta).sum()
+    g = np.clip(r, -delta, delta)  # d huber / d r
+    grad = np.array([g @ w[0], g @ w[1], g @ w[2], -(g * w[0]) @ log_N, -(g * w[1]) @ log_D])
+    return loss, grad
+
+
+def fit_chinchilla(N, D, L, inits=None, delta=HUBER_DELTA):
+    """{'E', 'A', 'B', 'alpha', 'beta'}: L-BFGS from every initialisation (SPEC C's grid), best one polished."""
+    from scipy.optimize import minimize  # here, not at import: see the note on OPENBLAS_NUM_THREADS below
+    N, D, L = (np.asarray(v, float) for v in (N, D, L))
+    if not (N.shape == D.shape == L.shape and N.ndim == 1):
+        raise ValueError(f"fit_chinchilla: N, D, L must be 1-D and of one length, got {N.shape}, {D.shape}, {L.shape}")
+    if (N <= 0).any() or (D <= 0).any() or (L <= 0).any():
+        raise ValueError("fit_chinchilla: N, D and L must be positive")
+    args = (np.log(N), np.log(D), np.log(L), delta)
+    best = None
+    for theta0 in (CHINCHILLA_GRID if inits is None else inits):
+        res = minimize(chinchilla_objective, np.array(theta0, float), args=args, jac=True, method="L-BFGS-B")
+        if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
+            best = res
+    # Even summed, the loss is tiny (~1e-5 for 64 points at 0.1% noise) and L-BFGS-B stops once f improves by
+    # less than 2.2e-9 * max(|f|, 1), an absolute 2.2e-9 here: most starts stop short of the optimum (measured:
+    # 4 of 300 reach it). The grid picks the basin; one run with tight tolerances from its best start finishes.
+    best = minimize(chinchilla_objective, best.x, args=args, jac=True, method="L-BFGS-B", options=LBFGS_TIGHT)
+    a, b, e, alpha, beta = best.x
+    return dict(E=np.exp(e), A=np.exp(a), B=np.exp(b), alpha=alpha, beta=beta)
+
+
+def chinchilla_loss(fit, N, D):
+    """L(N, D) = E + A / N^alpha + B / D^beta."""
+    return fit["E"] + fit["A"] / np.asarray(N, float) ** fit["alpha"] + fit["B"] / np.asarray(D, float) ** fit["beta"]
+
+
+def compute_optimal(C, fit, k):
+    """(N_opt, D_opt) minimising L(N, D) under the budget C = k N D (k = FLOPs per parameter per image)."""
+    # d/dN [A N^-alpha + B (C/(kN))^-beta] = 0  ->  alpha A N^-alpha = beta B D^-beta, which gives
+    # N_opt = G (C/k)^(beta/(alpha+beta)), D_opt = (C/k) / N_opt = G^-1 (C/k)^(alpha/(alpha+beta))
+    # (Hoffmann et al. 2022, section 3.3, with k = 6 FLOPs per parameter per token there)
+    alpha, beta, A, B = fit["alpha"], fit["beta"], fit["A"], fit["B"]
+    G = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+    x = np.asarray(C, float) / k
+    return G * x ** (beta / (alpha + beta)), x ** (alpha / (alpha + beta)) / G
+
+
+# -----------------------------------------------------------------------------
+# bootstrap intervals
+
+
+def bootstrap(fit, columns, n_boot=200, seed=0, level=0.95):
+    """(lo, hi) percentile intervals of fit(*columns)'s parameters over resamples of the rows, and the count used."""
+    rng = np.random.default_rng(seed)
+    columns = [np.asarray(c, float) for c in columns]
+    n = len(columns[0])
+    reps = []
+    for _ in range(n_boot):
+        i = rng.integers(0, n, n)
+        try:
+            reps.append(np.asarray(fit(*(c[i] for c in columns)), float))
+        except ValueError:  # a resample too degenerate to fit, e.g. a frontier of one distinct x
+            continue
+    if not reps:
+        raise ValueError(f"bootstrap: none of {n_boot} resamples of {n} points could be fitted")
+    q = 50 * (1 - level)
+    lo, hi = np.percentile(np.array(reps), [q, 100 - q], axis=0)
+    return lo, hi, len(reps)
+
+
+def bootstrap_chinchilla(N, D, L, fit, n_boot=200, seed=0, level=0.95):
+    """Intervals of (E, A, B, alpha, beta); each resample's L-BFGS starts from the full-data optimum `fit`."""
+    # The grid's job is to find the right basin; a resample of the same points stays in it, and 4,500
+    # starts per resample (~20 s each here) would make 200 resamples take over an hour.
+    theta = [np.log(fit["A"]), np.log(fit["B"]), np.log(fit["E"]), fit["alpha"], fit["beta"]]
+    refit = lambda n, d, l: list(fit_chinchilla(n, d, l, inits=[theta]).values())
+    return bootstrap(refit, [N, D, L], n_boot, seed, level)
+
+
+# -----------------------------------------------------------------------------
+# sweep: small train.py runs on the built-in dataset
+# DEPENDS ON train.py: its --key=value flags below, and the {"final": true, "val_loss", "acc_*"} record it
+# appends to out_dir/log.jsonl after its closing evaluation.
+
+SWEEP_MODELS = ["MicroDiT_XS", "MicroDiT_S", "MicroDiT_M"]  # CPU-sized presets of model.py, smallest first
+SWEEP_STEPS = [250, 500, 1000]                             # training budgets, in optimizer steps
+SWEEP_BATCH = 32                                           # images per step
+SWEEP_MASK_RATIO = 0.5                                     # passed to train.py, so the FLOPs counted match
+
+
+def sweep(out_path="results.jsonl", models=SWEEP_MODELS, steps_list=SWEEP_STEPS, batch_size=SWEEP_BATCH,
+          mask_ratio=SWEEP_MASK_RATIO, run_root="out/sweep"):
+    """Train and evaluate every (model, steps) pair; append one JSON line per run to out_path."""
+    unknown = [m for m in models if m not in PRESETS]
+    if unknown:
+        raise ValueError(f"sweep: unknown presets {unknown}; model.py has {list(PRESETS)}")
+    done = set()
+    if os.path.exists(out_path):  # an interrupted sweep resumes: runs already in out_path are not repeated
+        with open(out_path) as f:
+            done = {(r["model"], r["steps"]) for r in map(json.loads, filter(str.strip, f))}
+    for model in models:
+        cfg = PRESETS[model]
+        with torch.device("meta"):  # parameter count without memory
+            params = num_params(build_model(cfg))
+        f_img = flops_per_image(cfg, mask_ratio, train=True)
+        for steps in steps_list:
+            if (model, steps) in done:
+                continue
+            run_dir = os.path.join(run_root, f"{model}_{steps}")
+            t0 = time.time()
+            # each budget is its own run with its own schedule (warmup, then cosine to the end), as in Chinchilla
+            subprocess.run([sys.executable, "train.py", f"--model={model}", f"--max_steps={steps}",
+                            f"--warmup_steps={steps // 10}", f"--batch_size={batch_size}",
+                            f"--mask_ratio={mask_ratio}", f"--out_dir={run_dir}"], check=True)
+            with open(os.path.join(run_dir, "log.jsonl")) as f:
+                final = [r for r in map(json.loads, f) if r.get("final")][-1]
+            accs = [final["acc_shape"], final["acc_colour"], final["acc_position"]]
+            row = dict(model=model, params=params, steps=steps, images=steps * batch_size,
+                       flops=f_img * steps * batch_size, final_loss=final["val_loss"],
+                       acc_shape=accs[0], acc_colour=accs[1], acc_position=accs[2], acc_mean=sum(accs) / 3,
+                       wall_s=round(time.time() - t0, 1))
+            with open(out_path, "a") as f:  # one line per finished run
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row))
+
+
+# -----------------------------------------------------------------------------
+# fitting a sweep's results
+
+RESULT_KEYS = ("model", "params", "steps", "images", "flops", "final_loss",
+               "acc_shape", "acc_colour", "acc_position", "acc_mean", "wall_s")
+AXES = [("flops", "compute (FLOPs)"), ("params", "parameters"), ("images", "images seen")]
+TARGETS = [("final_loss", "final loss", False), ("acc_mean", "mean accuracy", True)]  # (key, label, maximize)
+
+
+def load_results(path):
+    """The rows of a results JSONL, each checked for the keys a sweep writes."""
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+            missing = [k for k in RESULT_KEYS if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing keys {missing}")
+            rows.append(row)
+    if len(rows) < 3:
+        raise ValueError(f"{path}: {len(rows)} runs; fitting needs at least 3")
+    return rows
+
+
+def fit_results(rows, n_boot=200, seed=0):
+    """Power laws of loss and accuracy against compute, parameters and images; L(N, D); compute-optimal split."""
+    col = lambda k: np.array([r[k] for r in rows], float)
+    out = {"power_laws": []}
+    for (y_key, _, maximize), (x_key, _) in itertools.product(TARGETS, AXES):
+        x, y = col(x_key), col(y_key)
+        ok = y > 0  # log-log fits need a positive score; an accuracy of 0 says nothing about the slope
+        law = dict(y=y_key, x=x_key, frontier=pareto_frontier(x[ok], y[ok], maximize).tolist())
+        try:
+            a, b = fit_frontier_power_law(x[ok], y[ok], maximize)
+            lo, hi, n_ok = bootstrap(lambda x, y: fit_frontier_power_law(x, y, maximize), [x[ok], y[ok]], n_boot, seed)
+            law.update(a=a, b=b, a_ci=(lo[0], hi[0]), b_ci=(lo[1], hi[1]), n_boot=n_ok)
+        except ValueError as e:  # e.g. every run scored 0, or the frontier is a single run: report, fit the rest
+            law.update(error=str(e))
+        out["power_laws"].append(law)
+    N, D, L = col("params"), col("images"), col("final_loss")
+    fit = fit_chinchilla(N, D, L)
+    lo, hi, n_ok = bootstrap_chinchilla(N, D, L, fit, n_boot, seed)
+    out["chinchilla"] = dict(fit=fit, ci={k: (l, h) for k, l, h in zip(fit, lo, hi)}, n_boot=n_ok)
+    # k = FLOPs per parameter per image, as measured on these runs (about 6 x tokens for a transformer)
+    k = float(np.median(col("flops") / (N * D)))
+    budgets = col("flops").max() * np.array([1.0, 10.0, 100.0])
+    N_opt, D_opt = compute_optimal(budgets, fit, k)
+    out["compute_optimal"] = dict(k=k, budgets=budgets.tolist(), N_opt=N_opt.tolist(), D_opt=D_opt.tolist(),
+                                  loss=chinchilla_loss(fit, N_opt, D_opt).tolist())
+    return out
+
+
+def print_fits(fits, n_runs):
+    print(f"power laws y = a x^b on the Pareto frontier of {n_runs} runs (95% bootstrap intervals):")
+    for p in fits["power_laws"]:
+        if "error" in p:
+            print(f"  {p['y']:>10} vs {p['x']}: not fitted ({p['error']})")
+            continue
+        print(f"  {p['y']:>10} = {p['a']:.4g} [{p['a_ci'][0]:.3g}, {p['a_ci'][1]:.3g}] * {p['x']}^"
+              f"{p['b']:+.4f} [{p['b_ci'][0]:+.4f}, {p['b_ci'][1]:+.4f}]   ({len(p['frontier'])} frontier points)")
+    c = fits["chinchilla"]
+    print(f"L(N, D) = E + A/N^alpha + B/D^beta, N = params, D = images ({c['n_boot']} bootstrap resamples):")
+    for k, v in c["fit"].items():
+        print(f"  {k:>5} = {v:.4g}  [{c['ci'][k][0]:.4g}, {c['ci'][k][1]:.4g}]")
+    o = fits["compute_optimal"]
+    print(f"compute-optimal split, C = k N D with k = {o['k']:.3g} FLOPs per parameter per image:")
+    for C, n, d, l in zip(o["budgets"], o["N_opt"], o["D_opt"], o["loss"]):
+        print(f"  C = {C:.3g}: N = {n:.3g} params, D = {d:.3g} images, predicted loss {l:.4f}")
+
+
+def plot_fits(rows, fits, path):
+    """Log-log panels of loss and accuracy against compute, parameters and images, with the frontier fits."""
+    import matplotlib  # only here: plotting is the one place matplotlib is needed
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+    models = sorted({r["model"] for r in rows}, key=lambda m: min(r["params"] for r in rows if r["model"] == m))
+    fig, axes = plt.subplots(len(TARGETS), len(AXES), figsize=(4 * len(AXES), 3.4 * len(TARGETS)), squeeze=False)
+    laws = iter(fits["power_laws"])  # in the order fit_results made them: targets outer, axes inner
+    for (y_key, y_label, _), row_axes in zip(TARGETS, axes):
+        for (x_key, x_label), ax in zip(AXES, row_axes):
+            law = next(laws)
+            for m in models:
+                pts = np.array([(r[x_key], r[y_key]) for r in rows if r["model"] == m and r[y_key] > 0])
+                if len(pts):
+                    ax.scatter(pts[:, 0], pts[:, 1], label=m, s=20)
+            x = np.array([r[x_key] for r in rows if r[y_key] > 0], float)
+            y = np.array([r[y_key] for r in rows if r[y_key] > 0], float)
+            if "error" not in law:
+                f = law["frontier"]
+                ax.scatter(x[f], y[f], s=80, facecolors="none", edgecolors="k", label="frontier")
+                xs = np.geomspace(x.min(), x.max(), 50)
+                ax.plot(xs, law["a"] * xs ** law["b"], "k--", lw=1, label=f"{law['a']:.3g} x^{law['b']:.3f}")
+            ax.set(xscale="log", yscale="log", xlabel=x_label, ylabel=y_label)
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))  # 1.4, not 1.4 x 10^0
+            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="compute and cost accounting, scaling fits, CPU sweep")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cost", help="FLOPs, GPU-hours and dollars of the MicroDiT recipe, stage by stage")
+    c.add_argument("--preset", default="MicroDiT_XL_2", choices=list(PRESETS))
+    c.add_argument("--gpu-peak", type=float, default=H100_BF16_PEAK / 1e12, help="peak TFLOP/s of one GPU")
+    c.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation to price at")
+    c.add_argument("--price", type=float, default=PRICE_PER_GPU_HOUR, help="dollars per GPU-hour")
+    s = sub.add_parser("sweep", help="train and evaluate a grid of small models (calls train.py)")
+    s.add_argument("--out", default="results.jsonl")
+    f = sub.add_parser("fit", help="fit a sweep's results and plot them")
+    f.add_argument("results")
+    f.add_argument("--plot", default=None, help="write a log-log PNG here")
+    f.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples")
+    f.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.cmd == "cost":
+        if not (args.gpu_peak > 0 and 0 < args.mfu <= 1 and args.price >= 0):
+            p.error(f"cost: need --gpu-peak > 0, 0 < --mfu <= 1, --price >= 0; got {args.gpu_peak}, {args.mfu}, "
+                    f"{args.price}")
+        print_cost(args.preset, args.gpu_peak * 1e12, args.mfu, args.price)
+    elif args.cmd == "sweep":
+        sweep(args.out)
+    else:
+        try:
+            rows = load_results(args.results)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+        fits = fit_results(rows, args.n_boot, args.seed)
+        print_fits(fits, len(rows))
+        if args.plot:
+            plot_fits(rows, fits, args.plot)
+            print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    # The fits run thousands of 5-variable L-BFGS problems; OpenBLAS threads only add synchronisation to
+    # them (6x to 20x slower measured on a busy 2-core machine). Set before scipy first loads its BLAS.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    main()
