@@ -143,8 +143,10 @@ def main(argv=None):
         Image.fromarray(im).save(os.path.join(args.out, f"{i:06d}.png"))
     with open(os.path.join(args.out, "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
-    image_grid(images).save(os.path.join(args.out, "grid.png"))
-    print(f"{len(images)} images from {ckpt} -> {args.out}/ (000000.png ..., grid.png, prompts.txt)")
+    if len(images) <= 256:  # a grid to look at; not for large runs, whose folder fid.py reads as samples
+        image_grid(images).save(os.path.join(args.out, "grid.png"))
+    print(f"{len(images)} images from {ckpt} -> {args.out}/ (000000.png ..., prompts.txt"
+          f"{', grid.png' if len(images) <= 256 else ''})")
 
 
 if __name__ == "__main__":
