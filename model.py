@@ -920,15 +920,20 @@ def save_pretrained(folder, net, ema=None, extra=None):
     config = {"model_type": model_type(cfg), "model": asdict(cfg), **(extra or {})}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(model_card(config))
     for name, module in (("model", net), ("ema", ema)):
         if module is not None:
             sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
             save_file(sd, os.path.join(folder, f"{name}.safetensors"))
 
 
-def load_pretrained(folder, ema=True, device="cpu"):
-    """(net, config dict) from a checkpoint folder; EMA weights when present and asked for."""
+def load_pretrained(folder, ema=True, device="cpu", official_preset="MicroDiT_XL_2"):
+    """(net, config dict) from a checkpoint folder; EMA weights when present and asked for. A released
+    MicroDiT .pt file goes through load_official, built as official_preset."""
     from safetensors.torch import load_file
+    if os.path.isfile(folder) and folder.endswith((".pt", ".pth", ".bin")):
+        return load_official(folder, official_preset, device)
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json)")
@@ -952,6 +957,95 @@ def load_weights(net, sd, where):
                          f"{unexpected[:8]}, shape mismatches {shapes[:8]}"
                          f" ({len(missing)}/{len(unexpected)}/{len(shapes)} in all)")
     net.load_state_dict(sd, strict=True)
+
+
+# -----------------------------------------------------------------------------
+# the Hugging Face Hub: our checkpoints as Hub repos, and the released MicroDiT weights
+
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "ema.safetensors", "README.md"]  # what a Hub repo holds
+# The frozen encoders of the released MicroDiT (SPEC A5): DFN5B CLIP text tower; SDXL VAE, or the 16-channel one.
+OFFICIAL_TEXT_ENCODER = {"type": "clip", "repo": "apple/DFN5B-CLIP-ViT-H-14-378", "subfolder": None}
+OFFICIAL_VAES = {4: {"type": "vae", "repo": "stabilityai/stable-diffusion-xl-base-1.0", "subfolder": "vae"},
+                 16: {"type": "vae", "repo": "ostris/vae-kl-f8-d16", "subfolder": None}}
+
+
+def resolve_checkpoint(ref):
+    """A local path for a checkpoint reference: a checkpoint folder or file; a training output folder (its newest
+    ckpt-*); a Hub repo id 'user/name' (snapshot, cached); or a file in a Hub repo 'user/name/path/file.pt'."""
+    if os.path.isfile(ref) or os.path.isfile(os.path.join(ref, "config.json")):
+        return ref
+    if os.path.isdir(ref):
+        done = sorted(d for d in os.listdir(ref) if d.startswith("ckpt-") and not d.endswith(".tmp")
+                      and os.path.isfile(os.path.join(ref, d, "config.json")))
+        if done:
+            return os.path.join(ref, done[-1])
+        raise FileNotFoundError(f"{ref}: no checkpoint in this folder (no config.json, no complete ckpt-* folder)")
+    parts = ref.strip("/").split("/")
+    if len(parts) < 2 or ref.startswith((".", "/")):
+        raise FileNotFoundError(f"no checkpoint at {ref!r}: not a local path, and not a Hub repo id 'user/name'")
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    repo = "/".join(parts[:2])
+    try:
+        if len(parts) == 2:
+            path = snapshot_download(repo, allow_patterns=CHECKPOINT_FILES)
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise FileNotFoundError(f"Hub repo {repo} has no config.json: not a checkpoint of this project")
+            return path
+        return hf_hub_download(repo, "/".join(parts[2:]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        hint = " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if offline else ""
+        raise FileNotFoundError(f"cannot fetch {ref!r} from the Hub: {type(e).__name__}{hint}") from None
+
+
+def load_official(path, preset="MicroDiT_XL_2", device="cpu"):
+    """(net, config) from a released MicroDiT .pt: a plain state dict of tensors, read with weights_only=True
+    (which refuses arbitrary pickled objects). Latent channels and size come from the tensors' shapes."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only's refusal of a non-tensor object lands here
+        raise ValueError(f"{path}: not a plain tensor state dict (refused by torch.load(weights_only=True): "
+                         f"{str(e).splitlines()[0]})") from None
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)] if isinstance(sd, dict) else ["<not a dict>"]
+    if bad:
+        raise ValueError(f"{path}: not a plain tensor state dict; non-tensor entries: {bad[:5]}")
+    if "x_embedder.proj.weight" not in sd or "pos_embed" not in sd:
+        raise ValueError(f"{path}: not a MicroDiT state dict (no x_embedder.proj.weight / pos_embed)")
+    C, p = sd["x_embedder.proj.weight"].shape[1], sd["x_embedder.proj.weight"].shape[2]
+    size = math.isqrt(sd["pos_embed"].shape[1]) * p
+    # the 512px release keeps the 256px position range: interp scale = latent size / the preset's (SPEC A2)
+    cfg = get_config(preset, latent_channels=C, latent_size=size,
+                     pos_interp_scale=size / PRESETS[preset].latent_size)
+    net = build_model(cfg)
+    load_weights(net, sd, path)
+    vae = OFFICIAL_VAES.get(C, {"type": "vae", "repo": None})
+    config = {"model_type": "MicroDiT", "model": asdict(cfg), "text_encoder": OFFICIAL_TEXT_ENCODER, "latents": vae}
+    return net.to(device).eval(), config
+
+
+def model_card(config):
+    """README.md of a checkpoint: what it is, how to sample from it, its config and measured results."""
+    m, results = config["model"], config.get("results", {})
+    lines = ["---", "tags: [text-to-image, diffusion, microdit]", "---",
+             f"# {config['model_type']} ({config.get('train', {}).get('model', 'custom config')})", "",
+             "A text-to-image diffusion model trained with the minimal MicroDiT codebase (EDM objective).", "",
+             "```bash", "python sample.py --ckpt <this repo id> --prompt \"a red circle on the left\"", "```", "",
+             f"Text encoder: `{json.dumps(config.get('text_encoder'))}`; latents: `{json.dumps(config.get('latents'))}`", "",
+             "| config | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in m.items()]
+    if results:
+        lines += ["", "| measured | value |", "|---|---|"] + [
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+    return "\n".join(lines) + "\n"
+
+
+def push_to_hub(folder, repo_id, private=False):
+    """Upload a checkpoint folder's weights, config and model card (not the optimizer state) to a Hub repo."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=CHECKPOINT_FILES,
+                             commit_message=f"upload {os.path.basename(folder.rstrip('/'))}")
 
 
 # -----------------------------------------------------------------------------

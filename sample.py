@@ -97,22 +97,11 @@ def generate(net, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32
     return images
 
 
-def find_checkpoint(path):
-    """A checkpoint folder, or the newest complete one inside a training output folder."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    if os.path.isdir(path):
-        ckpts = sorted(d for d in os.listdir(path) if d.startswith("ckpt-") and not d.endswith(".tmp")
-                       and os.path.isfile(os.path.join(path, d, "config.json")))
-        if ckpts:
-            return os.path.join(path, ckpts[-1])
-    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a folder with config.json, or a training "
-                            f"output folder with ckpt-* folders); run `python train.py` first")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", default="out/default", help="checkpoint folder, or a training output folder (newest)")
+    ap.add_argument("--ckpt", default="out/default", help="a checkpoint folder, a training output folder (its newest "
+                    "checkpoint), a Hub repo id user/name, or a released .pt (local or user/name/path/file.pt)")
+    ap.add_argument("--official-preset", default="MicroDiT_XL_2", help="the preset a released .pt file is built as")
     ap.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
     ap.add_argument("--prompts-file", help="a text file with one caption per line")
     ap.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -125,9 +114,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
-    from model import load_pretrained
-    ckpt = find_checkpoint(args.ckpt)
-    net, config = load_pretrained(ckpt, ema=not args.no_ema, device=args.device)
+    from model import load_pretrained, resolve_checkpoint
+    try:
+        ckpt = resolve_checkpoint(args.ckpt)
+    except FileNotFoundError as e:
+        ap.error(f"{e}; train one with `python train.py`, or give a Hub repo id")
+    net, config = load_pretrained(ckpt, ema=not args.no_ema, device=args.device, official_preset=args.official_preset)
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file) as f:
