@@ -1,11 +1,14 @@
-"""Tests of data.py: shapes dataset and scorer, built-in text encoder, latent shards, streaming reader."""
+"""Tests of data.py: shapes dataset and scorer, built-in text encoder, latent shards, streaming (local and Hub)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 import zlib
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -318,6 +321,76 @@ def test_stream_too_few_shards(stream_root):
         next(iter(data.ShardStream(stream_root, rank=0, world_size=7)))
 
 # -----------------------------------------------------------------------------
+# streaming from a Hub dataset repo: huggingface_hub's cache laid out by hand, offline
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty HF cache in HF_HUB_OFFLINE mode (huggingface_hub reads both settings at call time)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def add_to_hub_cache(cache, repo_id, src, subdir):
+    """Put folder `src` into `cache` as `subdir` of snapshot COMMIT of dataset repo `repo_id` (refs/main -> COMMIT)."""
+    repo = cache / ("datasets--" + repo_id.replace("/", "--"))
+    shutil.copytree(src, repo / "snapshots" / COMMIT / subdir)
+    os.makedirs(repo / "refs", exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def test_stream_from_hub_dataset(offline_hub, tmp_path, monkeypatch):
+    root = write_records(str(tmp_path / "ds"), 24)
+    add_to_hub_cache(offline_hub, "test/latents", root, "train")
+    hub = "hf://datasets/test/latents/train"
+    assert data.read_index(hub) == data.read_index(root)
+    assert data.has_split("hf://datasets/test/latents", "train") and not data.has_split(hub, "val")
+    real, fetched = data.hf_hub_download, []
+
+    def download(*args, **kw):  # the real download, recorded
+        fetched.append((kw["subfolder"], args[1], kw["repo_type"], threading.current_thread().name))
+        return real(*args, **kw)
+    monkeypatch.setattr(data, "hf_hub_download", download)
+    hub_everything = data.load_all(hub)
+    local_everything = data.load_all(root)
+    assert all(torch.equal(hub_everything[k], local_everything[k]) for k in ("latent", "text"))
+    assert hub_everything["caption"] == local_everything["caption"]
+    assert {f[:3] for f in fetched} == {("train", f, "dataset") for f in ["index.json"] + sorted(os.listdir(root))[1:]}
+    kw = dict(seed=3, shuffle_buffer=8)  # groups of 2 shards (8 records)
+    assert ids(take(data.ShardStream(hub, **kw), 50)) == ids(take(data.ShardStream(root, **kw), 50))
+    # Each shard is fetched when its group is next but one: while the first group is read, the second group's
+    # shards are downloaded in the background, and no other shard is.
+    stream, second_fetched = data.ShardStream(hub, **kw), threading.Event()
+    first, second = ({f"shard-{s:05d}.safetensors" for s in stream.epoch_order(0)[a:a + 8] // 4} for a in (0, 8))
+    fetched.clear()
+
+    def download_and_tell(*args, **kw):
+        path = download(*args, **kw)
+        if second <= {f[1] for f in fetched}:
+            second_fetched.set()
+        return path
+    monkeypatch.setattr(data, "hf_hub_download", download_and_tell)
+    it = iter(stream)
+    next(it)  # one record of the first group taken, 7 left
+    assert second_fetched.wait(timeout=60)
+    assert {f[1] for f in fetched} == first | second
+    assert all(f[3] != threading.main_thread().name for f in fetched if f[1] in second)
+
+
+def test_hub_errors(offline_hub):
+    with pytest.raises(FileNotFoundError, match=r"hf://datasets/test/absent/index.json: no such file.*HF_HUB_OFFLINE"):
+        data.read_index("hf://datasets/test/absent")
+    for bad in ("hf://test/latents", "hf://datasets/test", "hf://datasets//x"):
+        with pytest.raises(ValueError, match="expected a local folder or hf://datasets/USER/NAME"):
+            data.read_index(bad)
+    assert data.parse_hub_root("hf://datasets/u/n@v1.0/a/b") == ("u/n", "v1.0", "a/b")
+    assert data.parse_hub_root("hf://datasets/u/n/") == ("u/n", None, None)
+
+# -----------------------------------------------------------------------------
 # the shapes command
 
 
@@ -341,3 +414,32 @@ def test_shapes_command(tmp_path):
     assert os.path.getmtime(os.path.join(out, "index.json")) == mtime
     with pytest.raises(ValueError, match="holds a different dataset"):
         data.make_shapes_dataset(out, 500, seed=2, shard_size=128, val=40)
+
+
+def test_shapes_meta_names_its_encoders_and_old_versions_are_rewritten(tmp_path, capsys):
+    out = str(tmp_path / "shapes")
+    data.make_shapes_dataset(out, 20, res=16, val=8, text_dim=16, max_len=12)
+    meta = data.read_index(out)["meta"]
+    assert meta["text_encoder"] == {"type": "builtin", "dim": 16, "max_len": 12}
+    assert meta["latents"] == {"type": "pixels"}
+    assert (meta["text_dim"], meta["max_len"], meta["latent"]) == (16, 12, "pixels")  # kept for older readers
+    everything = data.load_all(out)
+    assert torch.equal(data.text_encoder_from_spec(meta["text_encoder"])(everything["caption"]).half().float(),
+                       everything["text"])
+    images = data.latents_to_images(everything["latent"][:5], meta["latents"])
+    assert all(np.array_equal(im, np.asarray(data.render(data.train_scene(0, i), 16))) for i, im in enumerate(images))
+    assert data.vae_from_spec(meta["latents"]) is None
+    # A dataset written by an older data.py (here: without the encoder specs) for the same request is rewritten
+    index_path = os.path.join(out, "index.json")
+    index = json.load(open(index_path))
+    for key in ("text_encoder", "latents"):
+        del index["meta"][key]
+    json.dump(index, open(index_path, "w"))
+    capsys.readouterr()
+    data.make_shapes_dataset(out, 20, res=16, val=8, text_dim=16, max_len=12)
+    assert "rewriting the shapes dataset, written by another version of data.py (changed: ['latents', " \
+           "'text_encoder'])" in capsys.readouterr().out
+    assert data.read_index(out)["meta"] == meta and data.read_index(os.path.join(out, "val"))["meta"]["latents"]
+    assert data.load_all(out)["caption"] == everything["caption"]
+    with pytest.raises(ValueError, match="unknown text encoder spec"):
+        data.text_encoder_from_spec({"type": "t5"})
