@@ -53,22 +53,10 @@ def edm_sampler(net, y, seeds, steps=30, guidance=5.0, sigma_min=0.002, sigma_ma
     return x.float()
 
 
-def latents_to_images(x, config):
-    """(B, C, H, W) latents -> list of uint8 (H, W, 3) arrays, by the checkpoint's latent space."""
-    kind = config.get("latents", {"type": "pixels"})["type"]
-    if kind != "pixels":  # VAE latents arrive with the real-data encoders (data.py)
-        raise ValueError(f"latent space {kind!r} is not supported by this sample.py")
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return list(x.permute(0, 2, 3, 1).cpu().numpy())
-
-
-def text_encoder(config):
-    """The frozen text encoder a checkpoint was trained with, from its config.json."""
-    spec = config.get("text_encoder", {})
-    if spec.get("type") == "builtin":
-        from data import BuiltinTextEncoder
-        return BuiltinTextEncoder(dim=spec["dim"], max_len=spec["max_len"])
-    raise ValueError(f"unknown text encoder in checkpoint config: {spec}")
+def load_encoders(config, device="cpu"):
+    """The frozen text encoder and VAE (None for pixel-space data) named by a checkpoint's config."""
+    from data import PIXELS, text_encoder_from_spec, vae_from_spec
+    return text_encoder_from_spec(config["text_encoder"], device), vae_from_spec(config.get("latents", PIXELS), device)
 
 
 def image_grid(images, cols=None):
@@ -82,18 +70,21 @@ def image_grid(images, cols=None):
     return Image.fromarray(grid)
 
 
-def generate(net, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, progress=True):
-    """Images (uint8 arrays) for a list of prompts, the i-th with seed + i."""
+def generate(net, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, progress=True, encoders=None):
+    """Images (uint8 arrays) for a list of prompts, the i-th with seed + i. encoders: (text encoder, VAE)
+    from load_encoders, to load them once for many calls."""
+    from data import PIXELS, latents_to_images
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"prompt {i} is empty")
-    encode, device = text_encoder(config), next(net.parameters()).device
+    device = next(net.parameters()).device
+    encode, vae = encoders or load_encoders(config, device)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
         chunk = prompts[start:start + batch_size]
         y = encode(chunk).to(device)
         x = edm_sampler(net, y, range(seed + start, seed + start + len(chunk)), steps, guidance)
-        images += latents_to_images(x, config)
+        images += latents_to_images(x, config.get("latents", PIXELS), vae)
     return images
 
 
@@ -111,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default="out/samples", help="folder for the PNGs and grid.png")
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights exist")
+    ap.add_argument("--text-encoder", help="repo id or folder of the text encoder, instead of the checkpoint's")
+    ap.add_argument("--vae", help="repo id or folder of the VAE, instead of the checkpoint's")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
@@ -120,6 +113,9 @@ def main(argv=None):
     except FileNotFoundError as e:
         ap.error(f"{e}; train one with `python train.py`, or give a Hub repo id")
     net, config = load_pretrained(ckpt, ema=not args.no_ema, device=args.device, official_preset=args.official_preset)
+    for key, repo in (("text_encoder", args.text_encoder), ("latents", args.vae)):
+        if repo:  # e.g. a local copy of the encoders on a machine without network
+            config[key] = {**config[key], "repo": os.path.abspath(repo) if os.path.isdir(repo) else repo}
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file) as f:
