@@ -1,20 +1,188 @@
-"""Benchmarks, one function each, one printed line each: python bench.py [name ...] (no name: all)."""
+"""
+Benchmarks, one function each, one printed line each (two with its profile when a target is missed):
+
+    python bench.py                      # everything, on all cores
+    python bench.py masking compile      # some of them
+    python bench.py --threads=1 mfu      # on a shared machine one thread gives steadier numbers
+
+Every ratio is measured side by side in one run: the timed calls of the things compared are interleaved
+(A B A B ...) and the best of each is kept, so a load change on a shared machine hits both alike.
+"""
+import math
+import os
 import sys
+import tempfile
 import time
 
 import torch
 
+from model import MicroDiTConfig, build_model, edm_loss, flops_per_image, param_count
+
+# A CPU-sized MicroDiT whose backbone dominates, as MicroDiT_XL_2 does: patch 2 on 32x32 latents (256 tokens, as at
+# 256px), a thin one-block mixer, 8 backbone blocks with the released layer-wise scaling and MoE.
+BENCH = MicroDiTConfig(latent_size=32, latent_channels=4, patch_size=2, dim=256, depth=8, head_dim=64, caption_dim=64,
+                       mixer_depth=1, mixer_dim=64, num_experts=4, multiple_of=64)
+BATCH, CAPTION_LEN = 16, 16  # images per step, caption tokens
+
 
 def timed(fn, warmup=1, iters=3):
     """Best wall time of fn() over `iters` calls after `warmup` calls, in seconds (best: least disturbed run)."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return compare([fn], warmup, iters)[0]
+
+
+def compare(fns, warmup=1, iters=3):
+    """Best wall time of each fn, their calls interleaved."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    best = [math.inf] * len(fns)
     for _ in range(iters):
-        t0 = time.perf_counter()
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def profile(fn, title, rows=12):
+    """The ops that take fn's time, by self CPU time: printed under a missed target to explain it."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return f"  profile of {title}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def verdict(value, target):
+    return f"target >= {target:g}: {'met' if value >= target else 'MISSED'}"
+
+
+def bench_model(seed=0):
+    """The bench network, and a fixed random batch of latents (B, 4, 32, 32) and captions (B, L, 64)."""
+    torch.manual_seed(seed)
+    net = build_model(BENCH)
+    x, y = torch.randn(BATCH, 4, 32, 32), torch.randn(BATCH, CAPTION_LEN, BENCH.caption_dim)
+    return net, x, y
+
+
+def train_step(net, x, y, mask_ratio, bf16=False):
+    """One training step as train.py takes it: EDM loss (bf16 autocast or not), backward, AdamW."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = edm_loss(net, x, y, mask_ratio)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def gflops(mask_ratio):
+    return flops_per_image(BENCH, mask_ratio, caption_len=CAPTION_LEN) / 1e9
+
+
+_steps, _peaks, _compile_s = {}, {}, []
+
+
+def steps():
+    """Step times of every configuration compared below, measured once and side by side: {name: (seconds, step fn)}.
+    Names: 'mask 0', 'mask 0.5', 'mask 0.75' (eager fp32), 'compiled' and 'bf16' (mask 0.75)."""
+    if not _steps:
+        net, x, y = bench_model()
+        fns = {f"mask {m:g}": train_step(net, x, y, m) for m in (0.0, 0.5, 0.75)}
+        fns["bf16"] = train_step(net, x, y, 0.75, bf16=True)
+        fns["compiled"] = train_step(torch.compile(net), x, y, 0.75)
+        t0 = time.perf_counter()
+        for _ in range(2):  # the first calls compile the forward and the backward
+            fns["compiled"]()
+        _compile_s.append(time.perf_counter() - t0)
+        _steps.update({k: (t, fns[k]) for k, t in zip(fns, compare(list(fns.values()), iters=5))})
+    return _steps
+
+
+def peaks():
+    """Measured matmul FLOP/s of this machine in fp32 and bf16 (train.measure_peak_flops: MFU's denominator)."""
+    from train import measure_peak_flops
+    if not _peaks:
+        _peaks.update({dt: measure_peak_flops(torch.device("cpu"), dt) for dt in (torch.float32, torch.bfloat16)})
+    return _peaks
+
+
+# --- the benchmarks --------------------------------------------------------------------------------
+
+def bench_masking():
+    """Step time at mask ratio 0, 0.5, 0.75: deferred masking gives the backbone 4x fewer tokens at 0.75 (SPEC A1)."""
+    t = [steps()[f"mask {m:g}"][0] for m in (0.0, 0.5, 0.75)]
+    speedup = t[0] / t[2]
+    line = (f"masking: step {' / '.join(f'{1000 * s:.0f}' for s in t)} ms at mask ratio 0 / 0.5 / 0.75 "
+            f"(batch {BATCH}, {param_count(BENCH) / 1e6:.1f}M params): 0.75 vs 0 {speedup:.2f}x "
+            f"[{verdict(speedup, 2.5)}] (FLOPs ratio {gflops(0) / gflops(0.75):.2f}x), 0.5 vs 0 {t[0] / t[1]:.2f}x")
+    return line + ("" if speedup >= 2.5 else "\n" + profile(steps()["mask 0.75"][1], "a step at mask ratio 0.75"))
+
+
+def bench_compile():
+    """Eager vs torch.compile (inductor; forward and backward compiled, AdamW eager) at mask ratio 0.75."""
+    (eager, eager_fn), (comp, comp_fn) = steps()["mask 0.75"], steps()["compiled"]
+    speedup = eager / comp
+    line = (f"compile: step {1000 * eager:.0f} ms eager vs {1000 * comp:.0f} ms compiled at mask ratio 0.75: "
+            f"{speedup:.2f}x [{verdict(speedup, 1.2)}] (compiling took {_compile_s[0]:.0f} s)")
+    if speedup < 1.2:
+        line += "\n" + profile(eager_fn, "an eager step") + "\n" + profile(comp_fn, "a compiled step")
+    return line
+
+
+def bench_bf16():
+    """fp32 vs bf16 autocast at mask ratio 0.75, beside the matmul peak of each dtype on this machine."""
+    fp32, bf16 = steps()["mask 0.75"][0], steps()["bf16"][0]
+    p32, p16 = peaks()[torch.float32], peaks()[torch.bfloat16]
+    return (f"bf16: step {1000 * fp32:.0f} ms fp32 vs {1000 * bf16:.0f} ms bf16 autocast at mask ratio 0.75: "
+            f"{fp32 / bf16:.2f}x; matmul peak {p32 / 1e9:.0f} GFLOP/s fp32 vs {p16 / 1e9:.0f} bf16 ({p32 / p16:.1f}x; "
+            f"CPU has avx512_bf16 or amx_bf16: {cpu_has('avx512_bf16', 'amx_bf16')})")
+
+
+def bench_mfu():
+    """Achieved FLOP/s (model.flops_per_image x images/s) over the measured matmul peak of the same dtype."""
+    p32, p16 = peaks()[torch.float32], peaks()[torch.bfloat16]
+    mfu = lambda name, m, peak: 100 * gflops(m) * 1e9 * BATCH / steps()[name][0] / peak  # percent
+    target = mfu("compiled", 0.75, p32)
+    line = (f"mfu: compiled fp32 at mask 0.75 {target:.0f}% of the {p32 / 1e9:.0f} GFLOP/s fp32 matmul peak "
+            f"[{verdict(target, 40)}]; eager fp32 at mask 0 / 0.5 / 0.75: {mfu('mask 0', 0.0, p32):.0f}% / "
+            f"{mfu('mask 0.5', 0.5, p32):.0f}% / {mfu('mask 0.75', 0.75, p32):.0f}%; bf16 at 0.75: "
+            f"{mfu('bf16', 0.75, p16):.0f}% of the {p16 / 1e9:.0f} GFLOP/s bf16 peak ({gflops(0):.2f} / "
+            f"{gflops(0.75):.2f} training GFLOPs per image at mask 0 / 0.75)")
+    return line + ("" if target >= 40 else "\n" + profile(steps()["compiled"][1], "a compiled step at mask 0.75"))
+
+
+def bench_data():
+    """Data-loader throughput (ShardStream + DataLoader, records of the bench shape) vs a training step's need."""
+    import data
+    with tempfile.TemporaryDirectory() as root:
+        with data.ShardWriter(root, shard_size=512, meta={"what": "bench"}) as writer:
+            for i in range(4096):
+                writer.add(torch.randn(4, 32, 32), torch.randn(CAPTION_LEN, BENCH.caption_dim), f"caption {i}")
+        loader = torch.utils.data.DataLoader(data.ShardStream(root, shuffle_buffer=1024), batch_size=BATCH)
+        it = iter(loader)
+
+        def read(n=2048):
+            for _ in range(n // BATCH):
+                next(it)
+        dt = timed(read, warmup=1, iters=2) / 2048
+    step = min(t for name, (t, _) in steps().items() if name != "bf16")  # the most demanding step
+    need = BATCH / step
+    return (f"data: loader {1 / dt:.0f} images/s (num_workers=0, 4x32x32 + {CAPTION_LEN}x{BENCH.caption_dim} fp16 "
+            f"records) vs {need:.0f} images/s consumed by the fastest measured step: {1 / dt / need:.0f}x headroom")
+
+
+def bench_sampler():
+    """Images/s of the EDM Heun sampler (30 steps, guidance 5: 59 network evaluations on 2x the batch)."""
+    from sample import edm_sampler
+    net, _, _ = bench_model()
+    net.eval()
+    n = 2
+    y = torch.randn(n, CAPTION_LEN, BENCH.caption_dim)
+    edm_sampler(net, y, range(n), steps=2)  # warm-up
+    dt = timed(lambda: edm_sampler(net, y, range(n), steps=30, guidance=5.0), warmup=0, iters=1)
+    return f"sampler: {n / dt:.3f} images/s ({dt / n:.1f} s/image), bench MicroDiT, 30 Heun steps, guidance 5"
 
 
 def bench_fid():
@@ -30,13 +198,27 @@ def bench_fid():
             f"cpu, batch {batch}, 299x299 float32, {torch.get_num_threads()} threads")
 
 
-BENCHMARKS = {"fid": bench_fid}
+def cpu_has(*flags):
+    try:
+        words = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return "unknown"
+    return "yes" if any(f in words for f in flags) else "no"
 
 
-def main(names):
+BENCHMARKS = {"masking": bench_masking, "compile": bench_compile, "bf16": bench_bf16, "mfu": bench_mfu,
+              "data": bench_data, "sampler": bench_sampler, "fid": bench_fid}
+
+
+def main(argv):
+    threads = [a for a in argv if a.startswith("--threads=")]
+    names = [a for a in argv if a not in threads]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         sys.exit(f"bench.py: unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
+    if threads:
+        torch.set_num_threads(int(threads[-1].split("=")[1]))
+    print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores", flush=True)
     for name in names or BENCHMARKS:
         print(BENCHMARKS[name](), flush=True)
 

@@ -4,7 +4,12 @@ on the built-in shapes dataset (generated on first use) in minutes:
 
     python train.py                                   # the built-in default
     python train.py configs/my_run.py --max_steps=500 # a config file, then --key=value overrides
-    torchrun --standalone --nproc_per_node=8 train.py configs/stage1_256_masked.py   # DDP
+    torchrun --standalone --nproc_per_node=8 train.py configs/stage1_256_masked.py   # DDP, one node
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...  # two nodes
+
+SIGTERM or SIGINT (a preemption, Ctrl-C) finishes the current step, writes a checkpoint and exits 0; run the
+same command with --resume=auto to continue bit-exactly. Under torchrun, raise --shutdown_timeout (30 s by
+default, then SIGKILL) above one step plus one checkpoint write.
 
 Reads top to bottom: config -> DDP -> data -> model -> optimizer -> compile -> DDP wrap -> helpers -> loop.
 """
@@ -20,6 +25,7 @@ import time
 import typing
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,12 +34,18 @@ import torch.distributed as dist
 class TrainConfig:
     # data
     dataset: str = "shapes"                # "shapes": the built-in dataset, written to data_dir if missing; "shards": existing
-    data_dir: str = ""                     # latent shards (index.json + shard-*.safetensors); "" = data_cache/shapes<res>
+    data_dir: str = ""                     # latent shards (index.json + shard-*.safetensors), a local folder or
+                                           # hf://datasets/USER/NAME[@REV][/SUBDIR]; "" = data_cache/shapes<res>
     dataset_size: int = 40_000             # built-in dataset: training images to generate
     shuffle_buffer: int = 8192             # records shuffled together in memory
-    num_workers: int = 0                   # DataLoader workers per rank
+    num_workers: int = 0                   # DataLoader workers per rank and lane
+    data_lanes: int = 0                    # shard streams dealt out to ranks, each filling batch_size/lanes of every
+                                           # global batch; 0 = world size. A fixed value (a multiple of every world
+                                           # size used) makes the data order independent of the number of ranks
     # model
     model: str = "MicroDiT_S"              # a preset of model.py
+    latent_size: int = 0                   # 0 = the preset's; 64 for MicroDiT at 512px
+    pos_interp_scale: float = 0.0          # 0 = the preset's; 2 at 512px keeps the 256px position range (SPEC A2)
     # diffusion (EDM, SPEC A3)
     P_mean: float = -0.6                   # ln(sigma) ~ N(P_mean, P_std^2) during training
     P_std: float = 1.2
@@ -41,9 +53,11 @@ class TrainConfig:
     mask_ratio: float = 0.5                # fraction of patches dropped after the patch-mixer
     caption_dropout: float = 0.1           # captions replaced by zeros, for classifier-free guidance
     # optimisation (AdamW)
-    batch_size: int = 64                   # global batch: per-rank micro-batch x grad_accum x world size
-    grad_accum: int = 1                    # micro-batches per optimizer step
-    max_steps: int = 4000
+    batch_size: int = 64                   # global batch, whatever the world size: micro_batch x grad_accum x world
+    grad_accum: int = 1                    # micro-batches per optimizer step (when micro_batch = 0)
+    micro_batch: int = 0                   # images per rank per forward pass; > 0: grad_accum = batch_size /
+                                           # (micro_batch x world), so one config fits any GPU count; 0: from grad_accum
+    max_steps: int = 2000                  # the default run: ~10 min on 2 CPU cores
     lr: float = 1e-3
     lr_schedule: str = "cosine"            # "cosine" (warmup, cosine to lr * min_lr_ratio) or "constant" (warmup)
     warmup_steps: int = 200
@@ -54,9 +68,11 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0                 # max gradient norm; 0 = off
     ema_decay: float = 0.999               # EMA of the weights (warmed up); 0 = no EMA
+    max_bad_steps: int = 5                 # a non-finite loss or gradient skips the step; this many in a row stop
     # system
     device: str = "auto"                   # "auto" = cuda if available, else cpu
-    bf16: typing.Optional[bool] = None     # bf16 autocast; None = on for CUDA, off for CPU
+    bf16: typing.Optional[bool] = None     # bf16 autocast; None = on for CUDA, off for CPU (bf16 keeps fp32's
+                                           # exponent range, so no GradScaler: fp16 autocast is not offered)
     compile: bool = False                  # torch.compile the model
     seed: int = 0
     threads: int = 0                       # CPU threads for torch; 0 = leave torch's default
@@ -64,13 +80,16 @@ class TrainConfig:
     out_dir: str = "out/default"
     log_every: int = 100                   # steps between log lines
     eval_every: int = 0                    # steps between sample grids + scores; 0 = only at the end
-    eval_n: int = 64                       # held-out captions sampled at each evaluation
+    eval_n: int = 128                      # held-out captions sampled at each evaluation
     eval_steps: int = 18                   # Heun steps of the evaluation sampler
-    eval_guidance: float = 3.0             # classifier-free guidance of the evaluation sampler
+    eval_guidance: float = 4.0             # classifier-free guidance of the evaluation sampler
     val_n: int = 256                       # held-out images for the validation loss (mask ratio 0)
     ckpt_every: int = 1000                 # steps between checkpoints (and one at the end)
     keep_ckpts: int = 2                    # newest checkpoints kept in out_dir
-    resume: str = ""                       # "" = start fresh, "auto" = newest checkpoint in out_dir, or a path
+    resume: str = ""                       # full state: "auto" = newest checkpoint of out_dir that loads, or a path
+    init_from: str = ""                    # when nothing is resumed: a checkpoint (or run folder) whose weights start
+                                           # this run at step 0; pos_embed is recomputed for this model's latent size
+    init_state: bool = False               # with init_from: also its optimizer state, step and data position
     peak_flops: float = 0.0                # device peak FLOP/s for MFU; 0 = measure a matmul once
 
 
@@ -146,51 +165,78 @@ def measure_peak_flops(device, dtype, n=2048, seconds=1.0):
     return 2 * n ** 3 * k / (time.perf_counter() - t0)
 
 
-# --- optimizer and training state as plain data: tensors in safetensors, the rest in JSON ---------
+def step_seed(seed, step, stream):
+    """A 63-bit seed that is a pure function of (seed, step, stream): the randomness of a step never depends on
+    the steps before it, so a resumed run needs no RNG state to replay it exactly."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
-def save_train_state(folder, step, samples, opt, extra):
+
+# --- checkpoints: weights and optimizer moments in safetensors, the rest in JSON -----------------
+
+def save_train_state(folder, opt, state):
     from safetensors.torch import save_file
     sd = opt.state_dict()
-    tensors = {f"opt.{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()}
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, os.path.join(folder, "state.safetensors"))
+    save_file({f"opt.{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()},
+              os.path.join(folder, "state.safetensors"))
     with open(os.path.join(folder, "state.json"), "w") as f:
-        json.dump({"step": step, "samples": samples, "param_groups": sd["param_groups"], **extra}, f, indent=2)
+        json.dump(state, f, indent=2)
 
 
-def load_train_state(folder, opt):
-    from safetensors.torch import load_file
-    tensors = load_file(os.path.join(folder, "state.safetensors"))
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
-    per_param = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            per_param.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return state
-
-
-def newest_checkpoint(out_dir):
-    """The newest complete ckpt-* folder (an interrupted write leaves only a *.tmp folder)."""
+def checkpoints(out_dir):
+    """Complete ckpt-* folders of out_dir, newest first (an interrupted write leaves only a *.tmp folder)."""
     if not os.path.isdir(out_dir):
-        return None
-    done = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp")
-                  and os.path.isfile(os.path.join(out_dir, d, "state.json")))
-    return os.path.join(out_dir, done[-1]) if done else None
+        return []
+    return [os.path.join(out_dir, d) for d in sorted(os.listdir(out_dir), reverse=True) if d.startswith("ckpt-")
+            and not d.endswith(".tmp") and os.path.isfile(os.path.join(out_dir, d, "state.json"))]
+
+
+def read_checkpoint(folder, full=True):
+    """The files of a checkpoint as {'model', 'ema', 'opt': tensors, 'state': state.json}, or only the weights
+    (not full: a Hub checkpoint has no training state); raises on a missing or corrupt file before any is loaded."""
+    from safetensors.torch import load_file
+    path = lambda name: os.path.join(folder, name)
+    ckpt = {"model": load_file(path("model.safetensors")), "ema": None, "opt": None, "state": {}}
+    if full:
+        ckpt["ema"] = load_file(path("ema.safetensors")) if os.path.isfile(path("ema.safetensors")) else None
+        ckpt["opt"] = load_file(path("state.safetensors"))
+        with open(path("state.json")) as f:
+            ckpt["state"] = json.load(f)
+    return ckpt
+
+
+def load_checkpoint(ckpt, folder, net, ema, opt):
+    """Load what read_checkpoint returned. pos_embed is a buffer computed from the model's latent size and
+    pos_interp_scale: this model's own is kept, so 256px weights can start a 512px model (SPEC A2)."""
+    from model import load_weights
+    for sd, module in ((ckpt["model"], net), (ckpt["ema"] or ckpt["model"], ema)):
+        if module is not None:
+            if "pos_embed" in module.state_dict():
+                sd = {**sd, "pos_embed": module.pos_embed}
+            load_weights(module, sd, folder)
+    if ckpt["opt"] is not None:
+        per_param = {}
+        for key, v in ckpt["opt"].items():
+            if key.startswith("opt."):  # "opt.<param index>.<exp_avg|exp_avg_sq|step>"
+                _, i, name = key.split(".", 2)
+                per_param.setdefault(int(i), {})[name] = v
+        # lr, betas and weight decay come from this run's config, not from the checkpoint's
+        opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
+    return ckpt["state"]
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore SIGINT and SIGTERM: a signal to the whole process group (Ctrl-C, a cluster's
+    preemption) must not kill them while the main process finishes its step and writes its checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def train(cfg):
     import data
-    from model import atomic_dir, build_model, edm_loss, drop_captions, flops_per_image, get_config, \
-        load_weights, num_params, save_pretrained
+    from model import atomic_dir, build_model, edm_loss, flops_per_image, get_config, num_params, \
+        resolve_checkpoint, sample_sigma, save_pretrained
     from sample import generate, image_grid
+    from scaling import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours
 
     # --- distributed: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is one process -------
     ddp = "RANK" in os.environ
@@ -209,16 +255,24 @@ def train(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    if cfg.batch_size % (cfg.grad_accum * world):
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by grad_accum={cfg.grad_accum} x "
-                         f"world size {world}")
-    micro_batch = cfg.batch_size // (cfg.grad_accum * world)  # per rank, per forward pass
-    torch.manual_seed(cfg.seed + rank)
+    # The global batch is batch_size on any number of ranks: each rank computes a contiguous 1/world of it in
+    # grad_accum micro-batches. With micro_batch set (what fits in memory), the accumulation follows from the world.
+    grad_accum = cfg.batch_size // (cfg.micro_batch * world) if cfg.micro_batch else cfg.grad_accum
+    micro_batch = cfg.batch_size // (grad_accum * world) if grad_accum > 0 else 0  # per rank, per forward pass
+    if not micro_batch or micro_batch * grad_accum * world != cfg.batch_size or cfg.micro_batch not in (0, micro_batch):
+        raise ValueError(f"batch_size={cfg.batch_size} does not split into world size {world} x grad_accum x "
+                         f"micro-batch (grad_accum={cfg.grad_accum}, micro_batch={cfg.micro_batch}; see TrainConfig)")
+    lanes = cfg.data_lanes or world
+    if lanes % world or cfg.batch_size % lanes:
+        raise ValueError(f"data_lanes={lanes} must be a multiple of the world size {world} and divide "
+                         f"batch_size={cfg.batch_size}")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
     # --- data: the built-in dataset is written on first use -----------------------------------
     if cfg.dataset not in ("shapes", "shards"):
         raise ValueError(f"--dataset must be 'shapes' or 'shards', got {cfg.dataset!r}")
-    mcfg = get_config(cfg.model)
+    mcfg = get_config(cfg.model, **{k: v for k, v in (("latent_size", cfg.latent_size),
+                                                       ("pos_interp_scale", cfg.pos_interp_scale)) if v})
     if cfg.dataset == "shapes":  # the built-in images are the latents: their size and caption width follow the model
         res, text_dim = mcfg.latent_size, mcfg.caption_dim
         cfg.data_dir = cfg.data_dir or f"data_cache/shapes{res}" + (f"_d{text_dim}" if text_dim != 64 else "")
@@ -238,43 +292,74 @@ def train(cfg):
                          f"{mcfg.latent_size}) and captions of width {mcfg.caption_dim}; {cfg.data_dir} holds "
                          f"latents {tuple(index['latent_shape'])} and captions {tuple(index['text_shape'])}")
     net = build_model(mcfg).to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+    # the EMA lives on rank 0 only, the rank that evaluates and saves it
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay > 0 and master else None
+    # fused: one kernel for all the parameters instead of several per tensor (on CPU too)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            weight_decay=cfg.weight_decay)
-    step, samples = 0, 0
-    resume = newest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else cfg.resume
-    if resume:
-        from safetensors.torch import load_file
-        load_weights(net, load_file(os.path.join(resume, "model.safetensors")), resume)
-        if ema is not None:
-            load_weights(ema, load_file(os.path.join(resume, "ema.safetensors")), resume)
-        state = load_train_state(resume, opt)
-        step, samples = state["step"], state["samples"]
+                            weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    # resume: this run's full state. init_from: another run (a previous recipe stage) starts this one.
+    step, samples, skipped, start = 0, 0, 0, None
+    if cfg.resume == "auto":
+        for folder in checkpoints(cfg.out_dir):
+            try:
+                start = "resumed from", folder, read_checkpoint(folder)
+                break
+            except Exception as e:  # a truncated or corrupt file: say which, and fall back to the previous checkpoint
+                if master:
+                    print(f"warning: checkpoint {folder} does not load ({type(e).__name__}: {e}); trying an older one")
+    elif cfg.resume:
+        start = "resumed from", cfg.resume, read_checkpoint(cfg.resume)
+    if start is None and cfg.init_from:
+        folder = resolve_checkpoint(cfg.init_from)
+        start = "started from", folder, read_checkpoint(folder, full=cfg.init_state)
+    if start:
+        how, folder, ckpt = start
+        state = load_checkpoint(ckpt, folder, net, ema, opt)
+        if ckpt["opt"] is not None:
+            step, samples, skipped = state["step"], state["samples"], state.get("skipped", 0)
         if master:
-            print(f"resumed from {resume} at step {step}")
+            print(f"{how} {folder} at step {step}" + ("" if ckpt["opt"] is not None else " (weights only)"))
     elif cfg.resume == "auto" and master:
         print(f"no checkpoint in {cfg.out_dir}: starting fresh")
+    if ddp:  # every rank must start at the same step: with several nodes, out_dir must be on storage they share
+        agreed = torch.tensor([step, -step], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        if agreed.sum() != 0:
+            raise RuntimeError(f"rank {rank} starts at step {step} but another rank does not: is {cfg.out_dir} shared?")
     flops = flops_per_image(mcfg, cfg.mask_ratio, caption_len=index["text_shape"][0])
     peak = cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     if master:
+        total = flops * cfg.batch_size * (cfg.max_steps - step)
         print(f"model {cfg.model}: {num_params(net):,} parameters, {flops / 1e9:.2f} training GFLOPs per image "
               f"at mask ratio {cfg.mask_ratio}; device {device}{' bf16' if bf16 else ''}, "
               f"peak {peak / 1e12:.2f} TFLOP/s (measured matmul)")
+        print(f"this run: {total:.2e} training FLOPs, {gpu_hours(total):.2g} H100-hours = ${dollars(gpu_hours(total)):.2g} "
+              f"at {DEFAULT_MFU:.0%} MFU and ${PRICE_PER_GPU_HOUR}/hour (scaling.py)")
+        print(f"batch {cfg.batch_size} = {world} ranks x {grad_accum} accumulation x {micro_batch} micro-batch; "
+              f"{lanes} data lanes")
 
-    stream = data.ShardStream(cfg.data_dir, seed=cfg.seed, rank=rank, world_size=world,
-                              shuffle_buffer=cfg.shuffle_buffer, start=samples // world, batch_size=micro_batch)
-    # the loader gets its own generator: drawing its seed from the global RNG would shift a resumed run's noise
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=micro_batch, num_workers=cfg.num_workers,
-                                              generator=torch.Generator().manual_seed(cfg.seed)))
+    # Each global batch is `lanes` blocks of batch_size/lanes records, block l from shard stream l (its own shards).
+    # Rank r reads lanes [r, r+1) * lanes/world: its contiguous 1/world of every global batch, from its own shards
+    # only. A fixed data_lanes gives the same global batches on every world size that divides it.
+    per_lane = cfg.batch_size // lanes
+    # the loaders get their own generator: drawing their seed from the global RNG would shift a resumed run's noise
+    loaders = [iter(torch.utils.data.DataLoader(
+        data.ShardStream(cfg.data_dir, seed=cfg.seed, rank=lane, world_size=lanes, shuffle_buffer=cfg.shuffle_buffer,
+                         start=samples // lanes, batch_size=per_lane),
+        batch_size=per_lane, num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(cfg.seed)))
+        for lane in range(rank * lanes // world, (rank + 1) * lanes // world)]
     model = torch.compile(net) if cfg.compile else net  # compile after .to(device), before the DDP wrap
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     # --- helpers ---------------------------------------------------------------------------------
-    val = data.load_all(os.path.join(cfg.data_dir, "val")) if os.path.exists(os.path.join(cfg.data_dir, "val")) else None
+    val = data.load_all(os.path.join(cfg.data_dir, "val")) if data.has_split(cfg.data_dir, "val") else None
     eval_prompts = data.heldout_captions(cfg.eval_n) if meta.get("dataset") == "shapes" else []
-    extra = {"text_encoder": {"type": "builtin", "dim": meta["text_dim"], "max_len": meta["max_len"]},
-             "latents": {"type": meta.get("latent", "pixels")}, "train": asdict(cfg), "eval_prompts": eval_prompts}
+    # the checkpoint names the frozen encoders its data was made with, so sample.py can rebuild them
+    text_encoder = meta.get("text_encoder") or {"type": "builtin", "dim": meta["text_dim"], "max_len": meta["max_len"]}
+    extra = {"text_encoder": text_encoder, "latents": meta.get("latents") or {"type": meta.get("latent", "pixels")},
+             "train": asdict(cfg), "eval_prompts": eval_prompts}
 
     @torch.no_grad()
     def evaluate():
@@ -301,7 +386,7 @@ def train(cfg):
         path = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
         with atomic_dir(path) as tmp:
             save_pretrained(tmp, net, ema, extra)
-            save_train_state(tmp, step, samples, opt, {"config": asdict(cfg)})
+            save_train_state(tmp, opt, {"step": step, "samples": samples, "skipped": skipped, "config": asdict(cfg)})
         old = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
         for d in old[:-cfg.keep_ckpts]:
             shutil.rmtree(os.path.join(cfg.out_dir, d))
@@ -315,59 +400,93 @@ def train(cfg):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     stop = []  # SIGTERM / SIGINT: finish this step, checkpoint, exit 0
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
-    t_log, loss_sum, n_log = time.perf_counter(), 0.0, 0
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    gen = torch.Generator(device=device)  # seeded alike on every rank: the noise of the global batch
+    t_log, loss_sum, n_ok, n_log, bad_in_row, stopping = time.perf_counter(), 0.0, 0, 0, 0, False
     t_start, step_start = t_log, step
-    while step < cfg.max_steps and not stop:
+    while step < cfg.max_steps and not stopping:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        for micro in range(cfg.grad_accum):
-            batch = next(loader)
-            x, y = batch["latent"].to(device), batch["text"].to(device)
-            y = drop_captions(y, cfg.caption_dropout)
-            sync = micro == cfg.grad_accum - 1 or not ddp  # all-reduce gradients on the last micro-batch only
+        # A step's randomness is a function of (seed, step), so a resume replays it without RNG state. sigma, noise
+        # and caption dropout are drawn for the whole global batch on every rank, each rank keeping its slice: any
+        # world size trains on the same noise. The token masks (drawn inside the model) use the per-rank global RNG.
+        gen.manual_seed(step_seed(cfg.seed, step, 0))
+        torch.manual_seed(step_seed(cfg.seed, step, 1 + rank))
+        batches = [next(it) for it in loaders]
+        x = torch.cat([b["latent"] for b in batches]).to(device)  # (batch_size / world, C, H, W): this rank's part
+        y = torch.cat([b["text"] for b in batches]).to(device)  # (batch_size / world, L, Dy)
+        sigma = sample_sigma(cfg.batch_size, cfg.P_mean, cfg.P_std, device, generator=gen)  # (batch_size,)
+        noise = torch.randn((cfg.batch_size, *x.shape[1:]), device=device, generator=gen)
+        keep = torch.rand(cfg.batch_size, device=device, generator=gen) >= cfg.caption_dropout  # else zero caption
+        part = slice(rank * len(x), (rank + 1) * len(x))
+        sigma, noise, y = sigma[part], noise[part], y * keep[part].reshape(-1, 1, 1).to(y.dtype)
+        loss = torch.zeros((), device=device)
+        for i in range(0, len(x), micro_batch):
+            mb = slice(i, i + micro_batch)
+            sync = i + micro_batch == len(x) or not ddp  # all-reduce gradients on the last micro-batch only
             with (contextlib.nullcontext() if sync else model.no_sync()), \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = edm_loss(model, x, y, cfg.mask_ratio, cfg.P_mean, cfg.P_std, cfg.sigma_data)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:  # EMA warm-up: early weights are forgotten quickly
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p.detach(), 1 - decay)
+                micro_loss = edm_loss(model, x[mb], y[mb], cfg.mask_ratio, sigma_data=cfg.sigma_data,
+                                      sigma=sigma[mb], noise=noise[mb])
+                (micro_loss / grad_accum).backward()
+            loss += micro_loss.detach() / grad_accum
+        bad = ~loss.isfinite()
+        if cfg.grad_clip > 0:  # the norm of the all-reduced gradient: the same on every rank
+            bad |= ~torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip).isfinite()
+        flags = torch.stack([torch.tensor(float(bool(stop)), device=device), bad.float()])
+        if ddp:  # a signal may reach the ranks at different steps: they all stop (or skip) at the same one
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stopping, bad = (bool(f) for f in flags.tolist())
+        if bad:  # skip the step: no update of the weights, the EMA or the optimizer; the batch is passed over
+            opt.zero_grad(set_to_none=True)
+            skipped, bad_in_row = skipped + 1, bad_in_row + 1
+            if master:
+                print(f"step {step + 1:6d} | non-finite loss or gradient: skipped ({bad_in_row} in a row)", flush=True)
+            if bad_in_row >= cfg.max_bad_steps:
+                raise RuntimeError(f"step {step + 1}: {bad_in_row} steps in a row with a non-finite loss or gradient "
+                                   f"(max_bad_steps={cfg.max_bad_steps}); stopping. The checkpoints in {cfg.out_dir} "
+                                   f"hold finite weights: lower lr or grad_clip, check the data, then resume")
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:  # EMA warm-up: early weights are forgotten quickly
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for pe, p in zip(ema.parameters(), net.parameters()):
+                    pe.lerp_(p.detach(), 1 - decay)
+            loss_sum, n_ok, bad_in_row = loss_sum + loss, n_ok + 1, 0
         step += 1
         n_log += 1
         samples += cfg.batch_size
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            loss_avg = torch.tensor(loss_sum / n_log, device=device)
-            if ddp:
-                dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG)
+            loss_avg = torch.as_tensor(loss_sum / n_ok if n_ok else float("nan"), device=device)
+            if ddp:  # gloo has no ReduceOp.AVG
+                dist.all_reduce(loss_avg)
+                loss_avg /= world
             dt = (time.perf_counter() - t_log) / n_log
             if master:
                 ips = cfg.batch_size / dt
                 print(f"step {step:6d} | loss {loss_avg.item():.4f} | lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms/step "
-                      f"| {ips:.0f} img/s | MFU {flops * ips / world / peak:.1%}")
-                log({"step": step, "loss": loss_avg.item(), "ms_per_step": dt * 1000, "img_per_s": ips})
-            t_log, loss_sum, n_log = time.perf_counter(), 0.0, 0
+                      f"| {ips:.0f} img/s | MFU {flops * ips / world / peak:.1%}"
+                      + (f" | skipped {skipped}" if skipped else ""), flush=True)
+                log({"step": step, "loss": loss_avg.item(), "ms_per_step": dt * 1000, "img_per_s": ips,
+                     "skipped": skipped})
+            t_log, loss_sum, n_ok, n_log = time.perf_counter(), 0.0, 0, 0
         if master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             results = evaluate()
-            print(f"step {step:6d} | eval " + " ".join(f"{k} {v:.3f}" for k, v in results.items()))
+            print(f"step {step:6d} | eval " + " ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
             log({"step": step, **results})
             t_log = time.perf_counter()
-        if master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop):
+        if master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping):
             save_checkpoint()
             t_log = time.perf_counter()
 
+    for sig, handler in handlers.items():  # signals act as usual again
+        signal.signal(sig, handler)
     if master:
         train_s = time.perf_counter() - t_start
-        if stop:
-            print(f"stopped by signal at step {step}; checkpoint written, resume with --resume=auto")
+        if stopping:
+            print(f"stopped by signal at step {step}; checkpoint written, resume with --resume=auto", flush=True)
         else:
             results = evaluate()
             print(f"done: {step} steps ({step - step_start} here) in {train_s:.0f}s | final "

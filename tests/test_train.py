@@ -153,3 +153,88 @@ def test_sample_without_checkpoint_says_what_to_do(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "no checkpoint at" in p.stderr and "python train.py" in p.stderr
+
+
+# --- batch arithmetic, recipe stages ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(batch_size=10, micro_batch=4), r"batch_size=10 does not split into world size 1 x grad_accum x micro-batch"),
+    (dict(batch_size=8, micro_batch=16), r"batch_size=8 does not split .* micro_batch=16"),
+    (dict(batch_size=8, grad_accum=3), r"batch_size=8 does not split .* \(grad_accum=3, micro_batch=0"),
+    (dict(batch_size=8, data_lanes=3), r"data_lanes=3 must be a multiple of the world size 1 and divide batch_size=8"),
+])
+def test_batch_arithmetic_errors(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        train.train(tiny_config(tmp_path, **kw))
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, capsys):
+    # the noise of a step is drawn for the whole global batch, so micro-batching changes only float rounding
+    # (mask ratio 0: token masks are drawn per forward pass)
+    logs = {}
+    for micro in (8, 2):
+        out = tmp_path / f"micro{micro}"
+        train.train(tiny_config(tmp_path, micro_batch=micro, mask_ratio=0.0, max_steps=3, log_every=1,
+                                out_dir=str(out)))
+        logs[micro] = [r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
+    assert "batch 8 = 1 ranks x 4 accumulation x 2 micro-batch" in capsys.readouterr().out
+    assert len(logs[8]) == 3 and logs[8] == pytest.approx(logs[2], abs=1e-5)
+
+
+def test_init_from_a_smaller_latent_recomputes_pos_embed(tmp_path):
+    train.train(tiny_config(tmp_path, max_steps=2, out_dir=str(tmp_path / "a")))  # 8x8 latents: a 4x4 patch grid
+    # lr 0: AdamW and the EMA leave the weights exactly as loaded
+    train.train(tiny_config(tmp_path, latent_size=16, pos_interp_scale=2.0, init_from=str(tmp_path / "a"), lr=0.0,
+                            max_steps=1, resume="auto", data_dir=str(tmp_path / "data16"), out_dir=str(tmp_path / "b")))
+    a = load_file(tmp_path / "a" / "ckpt-0000002" / "model.safetensors")
+    for name in ("model", "ema"):  # the EMA starts from the loaded weights
+        b = load_file(tmp_path / "b" / "ckpt-0000001" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "pos_embed")
+        # an 8x8 grid at interp scale 2 has coordinates 0, 0.5, ..., 3.5: its even points are the 4x4 grid's
+        assert b["pos_embed"].shape == (1, 64, 32) and a["pos_embed"].shape == (1, 16, 32)
+        assert torch.equal(b["pos_embed"].reshape(8, 8, 32)[::2, ::2].reshape(1, 16, 32), a["pos_embed"])
+    assert json.load(open(tmp_path / "b" / "ckpt-0000001" / "state.json"))["step"] == 1  # weights only: from step 0
+
+
+def test_init_state_continues_another_run_exactly(tmp_path, capsys):
+    train.train(tiny_config(tmp_path, out_dir=str(tmp_path / "a")))  # checkpoints at 3 and 6
+    cfg = tiny_config(tmp_path, out_dir=str(tmp_path / "b"), resume="auto", init_state=True,
+                      init_from=str(tmp_path / "a" / "ckpt-0000003"))
+    train.train(cfg)
+    assert f"started from {tmp_path / 'a' / 'ckpt-0000003'} at step 3" in capsys.readouterr().out
+    assert sorted(d for d in os.listdir(tmp_path / "b") if d.startswith("ckpt")) == ["ckpt-0000006"]
+    for name in ("model", "ema", "state"):
+        x = load_file(tmp_path / "a" / "ckpt-0000006" / f"{name}.safetensors")
+        y = load_file(tmp_path / "b" / "ckpt-0000006" / f"{name}.safetensors")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    cfg.max_steps = 7  # once the run has a checkpoint of its own, it resumes that instead
+    train.train(cfg)
+    assert f"resumed from {tmp_path / 'b' / 'ckpt-0000006'} at step 6" in capsys.readouterr().out
+
+
+# SPEC A4 row by row: mask ratio, last step, lr, schedule, warmup, clip, ema, latent size, interp scale, P_mean, P_std
+SPEC_A4 = {
+    "stage1_256_masked": (0.75, 250_000, 2.4e-4, "cosine", 2500, 0.25, 0.0, 32, 1.0, -0.6, 1.2),
+    "stage2_256_unmasked": (0.0, 280_000, 8e-5, "constant", 0, 0.25, 0.0, 32, 1.0, -0.6, 1.2),
+    "stage3_512_masked": (0.75, 50_000, 8e-5, "constant", 500, 0.5, 0.99975, 64, 2.0, 0.0, 0.6),
+    "stage4_512_unmasked": (0.0, 55_000, 8e-5, "constant", 0, 0.5, 0.9975, 64, 2.0, 0.0, 0.6),
+}
+
+
+def test_recipe_configs_follow_spec_a4():
+    from model import get_config
+    cfgs = {name: train.load_config([os.path.join(ROOT, "configs", f"{name}.py")]) for name in SPEC_A4}
+    for name, cfg in cfgs.items():
+        mcfg = get_config(cfg.model, **{k: v for k, v in (("latent_size", cfg.latent_size),
+                                                           ("pos_interp_scale", cfg.pos_interp_scale)) if v})
+        assert (cfg.mask_ratio, cfg.max_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.grad_clip, cfg.ema_decay,
+                mcfg.latent_size, mcfg.pos_interp_scale, cfg.P_mean, cfg.P_std) == SPEC_A4[name], name
+        assert (cfg.model, cfg.batch_size, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.bf16, cfg.sigma_data,
+                cfg.caption_dropout, cfg.resume) == ("MicroDiT_XL_2", 2048, 0.9, 0.999, 1e-8, 0.1, True, 0.9, 0.1,
+                                                     "auto")
+        assert cfg.batch_size % (cfg.micro_batch * 8) == 0 and cfg.data_lanes % 8 == 0  # one 8-GPU node
+    s1, s2, s3, s4 = cfgs.values()
+    assert s1.min_lr_ratio == 0.33 and train.lr_at(s1.max_steps, s1) == pytest.approx(s2.lr, rel=0.02)
+    # stages 2 and 4 continue the full state of the stage before; stage 3 takes stage 2's weights only
+    assert (s2.init_from, s3.init_from, s4.init_from) == (s1.out_dir, s2.out_dir, s3.out_dir) and not s1.init_from
+    assert (s2.init_state, s3.init_state, s4.init_state) == (True, False, True)
