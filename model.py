@@ -49,10 +49,17 @@ PRESETS = {
     # as released (SPEC A2); 512px checkpoints use latent_size=64, pos_interp_scale=2
     "MicroDiT_XL_2": MicroDiTConfig(),
     "MicroDiT_Tiny_2": MicroDiTConfig(dim=512, depth=16, head_dim=32, mixer_depth=4, mixer_dim=512),
-    # CPU-sized, for the built-in 32x32 RGB shapes dataset (pixels are the "latents")
+    # CPU-sized, for the built-in 32x32 RGB shapes dataset (pixels are the "latents"): patch 4 -> 64 tokens.
+    # MicroDiT_S is the default of train.py; XS and M bracket it for the scaling sweep (scaling.py).
+    "MicroDiT_XS": MicroDiTConfig(latent_size=32, latent_channels=3, patch_size=4, dim=96, depth=4, head_dim=32,
+                                  caption_dim=64, mixer_depth=1, mixer_dim=96, num_experts=4, mlp_ratio=(1.0, 4.0),
+                                  multiple_of=32),
     "MicroDiT_S": MicroDiTConfig(latent_size=32, latent_channels=3, patch_size=4, dim=128, depth=6,
                                  head_dim=32, caption_dim=64, mixer_depth=2, mixer_dim=128, num_experts=4,
                                  mlp_ratio=(1.0, 4.0), multiple_of=32),
+    "MicroDiT_M": MicroDiTConfig(latent_size=32, latent_channels=3, patch_size=4, dim=192, depth=8, head_dim=32,
+                                 caption_dim=64, mixer_depth=2, mixer_dim=128, num_experts=4, mlp_ratio=(1.0, 4.0),
+                                 multiple_of=32),
     # tiny, for tests: every ingredient present (mixer with width maps, MoE in mixer and backbone)
     "MicroDiT_test": MicroDiTConfig(latent_size=8, latent_channels=3, patch_size=2, dim=32, depth=3, head_dim=8,
                                     caption_dim=16, mixer_depth=2, mixer_dim=16, num_experts=4, multiple_of=16),
@@ -1074,12 +1081,17 @@ def drop_captions(y, p, generator=None):
     return y * keep.reshape(-1, 1, 1).to(y.dtype)
 
 
-def edm_loss(net, x, y, mask_ratio=0.0, P_mean=-0.6, P_std=1.2, sigma_data=0.9):
-    """EDM training loss of one batch: weight(sigma) * |D(x + n; sigma) - x|^2 (EDM, Eq. 8)."""
-    sigma = sample_sigma(x.shape[0], P_mean, P_std, device=x.device).reshape(-1, 1, 1, 1)
+def edm_loss(net, x, y, mask_ratio=0.0, P_mean=-0.6, P_std=1.2, sigma_data=0.9, sigma=None, noise=None):
+    """EDM training loss of one batch: weight(sigma) * |D(x + n; sigma) - x|^2 (EDM, Eq. 8). sigma (B,) and
+    noise (B, C, H, W) are drawn here unless given (train.py draws them per global batch)."""
+    if sigma is None:
+        sigma = sample_sigma(x.shape[0], P_mean, P_std, device=x.device)
+    noise = torch.randn_like(x) if noise is None else noise
+    sigma = sigma.reshape(-1, 1, 1, 1)
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    D_x, mask = edm_precond(net, x + torch.randn_like(x) * sigma, sigma, y, mask_ratio, sigma_data)
-    return masked_mse(weight * (D_x - x) ** 2, mask, getattr(net.cfg, "patch_size", 1))
+    D_x, mask = edm_precond(net, x + noise * sigma, sigma, y, mask_ratio, sigma_data)
+    cfg = getattr(net, "module", net).cfg  # through a DDP wrapper too
+    return masked_mse(weight * (D_x - x) ** 2, mask, getattr(cfg, "patch_size", 1))
 
 
 def masked_mse(err, mask, patch_size):

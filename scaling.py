@@ -275,7 +275,7 @@ def sweep(out_path="results.jsonl", models=SWEEP_MODELS, steps_list=SWEEP_STEPS,
         cfg = PRESETS[model]
         with torch.device("meta"):  # parameter count without memory
             params = num_params(build_model(cfg))
-        f_img = flops_per_image(cfg, mask_ratio, train=True)
+        f_img = flops_per_image(cfg, mask_ratio, train=True, caption_len=24)  # the built-in encoder's 24 tokens
         for steps in steps_list:
             if (model, steps) in done:
                 continue
