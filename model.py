@@ -1046,6 +1046,17 @@ def model_card(config):
     return "\n".join(lines) + "\n"
 
 
+def add_results(folder, results):
+    """Record measured results in a checkpoint's config.json and model card (each file replaced atomically)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config["results"] = results
+    for name, text in (("config.json", json.dumps(config, indent=2)), ("README.md", model_card(config))):
+        with open(os.path.join(folder, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+
+
 def push_to_hub(folder, repo_id, private=False):
     """Upload a checkpoint folder's weights, config and model card (not the optimizer state) to a Hub repo."""
     from huggingface_hub import HfApi

@@ -86,6 +86,7 @@ class TrainConfig:
     val_n: int = 256                       # held-out images for the validation loss (mask ratio 0)
     ckpt_every: int = 1000                 # steps between checkpoints (and one at the end)
     keep_ckpts: int = 2                    # newest checkpoints kept in out_dir
+    push_to_hub: str = ""                  # a Hub repo id: the final checkpoint (weights, config, card) is uploaded
     resume: str = ""                       # full state: "auto" = newest checkpoint of out_dir that loads, or a path
     init_from: str = ""                    # when nothing is resumed: a checkpoint (or run folder) whose weights start
                                            # this run at step 0; pos_embed is recomputed for this model's latent size
@@ -233,8 +234,8 @@ def ignore_stop_signals(worker_id):
 
 def train(cfg):
     import data
-    from model import atomic_dir, build_model, edm_loss, flops_per_image, get_config, num_params, \
-        resolve_checkpoint, sample_sigma, save_pretrained
+    from model import add_results, atomic_dir, build_model, edm_loss, flops_per_image, get_config, num_params, \
+        push_to_hub, resolve_checkpoint, sample_sigma, save_pretrained
     from sample import generate, image_grid
     from scaling import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours
 
@@ -492,6 +493,10 @@ def train(cfg):
             print(f"done: {step} steps ({step - step_start} here) in {train_s:.0f}s | final "
                   + " ".join(f"{k} {v:.3f}" for k, v in results.items()))
             log({"step": step, "final": True, "train_s": train_s, **results})
+            final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
+            add_results(final, results)  # the model card states what was measured
+            if cfg.push_to_hub:
+                print(f"uploaded {final} to the Hub: {push_to_hub(final, cfg.push_to_hub)}")
     if ddp:
         dist.destroy_process_group()
 

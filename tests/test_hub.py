@@ -99,6 +99,28 @@ def test_push_uploads_weights_config_and_card_only(tmp_path, monkeypatch):
     assert calls["files"] == ["README.md", "config.json", "ema.safetensors", "model.safetensors"]
 
 
+def test_train_pushes_its_final_checkpoint_with_results(tmp_path, monkeypatch):
+    import huggingface_hub
+    import train
+    sent = {}
+
+    class StandIn:
+        def create_repo(self, repo_id, exist_ok, private):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, allow_patterns, commit_message):
+            sent.update(repo=repo_id, folder=folder_path, card=open(os.path.join(folder_path, "README.md")).read())
+            return "commit"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", StandIn)
+    train.train(train.TrainConfig(model="MicroDiT_test", data_dir=str(tmp_path / "data"), dataset_size=100,
+                                  batch_size=4, max_steps=2, log_every=1, eval_n=0, val_n=8, peak_flops=1e12,
+                                  out_dir=str(tmp_path / "run"), push_to_hub="me/tiny"))
+    assert sent["repo"] == "me/tiny" and sent["folder"].endswith("ckpt-0000002")
+    assert "| val_loss |" in sent["card"]  # the measured results are in the card that was uploaded
+    assert "val_loss" in json.load(open(os.path.join(sent["folder"], "config.json")))["results"]
+
+
 def test_official_layout_loads_with_weights_only_and_samples(tmp_path):
     net = tiny_net()
     path = tmp_path / "dit_3_channel_tiny.pt"
