@@ -398,6 +398,7 @@ def plot_fits(rows, fits, path):
             ax.set(xscale="log", yscale="log", xlabel=x_label, ylabel=y_label)
             ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))  # 1.4, not 1.4 x 10^0
             ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # minor labels of a short decade overlap
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     fig.tight_layout()

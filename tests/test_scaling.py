@@ -265,7 +265,7 @@ def test_sweep_rows_flags_and_resume(tmp_path, monkeypatch):
     scaling.sweep(out, steps_list=[2, 4, 8], **kw)  # resumes: only the new budget runs
     assert [c["max_steps"] for c in calls] == ["2", "4", "8"]
     rows = scaling.load_results(out)
-    f_img = flops_per_image(PRESETS["MicroDiT_test"], 0.5)
+    f_img = flops_per_image(PRESETS["MicroDiT_test"], 0.5, caption_len=24)  # the built-in text encoder: 24 tokens
     for r, steps in zip(rows, [2, 4, 8]):
         assert r["steps"] == steps and r["images"] == 8 * steps and r["flops"] == f_img * 8 * steps
         assert r["final_loss"] == 1.5 and r["acc_mean"] == pytest.approx(0.6)
