@@ -988,7 +988,7 @@ def resolve_checkpoint(ref):
             return os.path.join(ref, done[-1])
         raise FileNotFoundError(f"{ref}: no checkpoint in this folder (no config.json, no complete ckpt-* folder)")
     parts = ref.strip("/").split("/")
-    if len(parts) < 2 or ref.startswith((".", "/")):
+    if len(parts) < 2 or ref.startswith((".", "/")) or os.path.isdir(parts[0]):  # a local path that is not there
         raise FileNotFoundError(f"no checkpoint at {ref!r}: not a local path, and not a Hub repo id 'user/name'")
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled

@@ -125,7 +125,10 @@ def main(argv=None):
         if not prompts:
             ap.error("give --prompt or --prompts-file")
     prompts = [p for p in prompts for _ in range(args.n)]
-    images = generate(net, config, prompts, args.seed, args.steps, args.guidance, args.batch_size)
+    try:
+        images = generate(net, config, prompts, args.seed, args.steps, args.guidance, args.batch_size)
+    except ValueError as e:  # an empty prompt, a caption the text encoder cannot read
+        ap.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     for i, im in enumerate(images):
         Image.fromarray(im).save(os.path.join(args.out, f"{i:06d}.png"))

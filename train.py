@@ -502,4 +502,8 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(load_config(sys.argv[1:]))
+    try:
+        cfg = load_config(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:  # a typo in a key or a file: one line, not a traceback
+        sys.exit(f"train.py: error: {e}")
+    train(cfg)
