@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import model
-from model import (ExpertChoiceMoE, MicroDiT, PRESETS, build_model, edm_loss, edm_precond, get_config,
+from model import (ExpertChoiceMoE, PRESETS, build_model, edm_loss, edm_precond, get_config,
                    masked_mse, num_params)
 
 REF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "microdit_xl2_keys.json")
