@@ -152,8 +152,18 @@ def test_text_encoder():
     assert torch.equal(out[0, 7:], enc.pad.expand(17, 64))  # 7 words, then padding
     # Word vectors are seeded by crc32 of the word (not hash(), which changes between processes), plus
     # a sinusoidal position code; padding is the vector of "<pad>".
+    # plus the causal context: 0.7^k times the 'ctx:' vector of the word k + 1 places back
     vector = lambda word: np.random.RandomState(zlib.crc32(word)).standard_normal(64)
-    assert np.allclose(out[0, 2] - enc.pos[2], vector(b"red"), atol=1e-6)
+    assert np.allclose(out[0, 0] - enc.pos[0], vector(b"a"), atol=1e-6)
+    assert np.allclose(out[0, 2] - enc.pos[2], vector(b"red") + vector(b"ctx:small") + 0.7 * vector(b"ctx:a"),
+                       atol=1e-5)
+    plain = data.BuiltinTextEncoder(64, 24, context=0.0)(["a small red circle on the left"])
+    assert np.allclose(plain[0, 2] - enc.pos[2], vector(b"red"), atol=1e-6)
+    # with the context, 'circle' says which colour came before it; without, the two captions' 'circle' tokens agree
+    swap = ["a red circle and a blue square", "a blue circle and a red square"]
+    assert not torch.equal(*enc(swap)[:, 2]) and torch.equal(*data.BuiltinTextEncoder(64, 24, 0.0)(swap)[:, 2])
+    assert data.text_encoder_from_spec({"type": "builtin", "dim": 64, "max_len": 24}).context == 0  # older specs
+    assert data.text_encoder_from_spec(enc.spec).context == 0.7
     assert np.allclose(enc.pad, vector(b"<pad>"), atol=1e-6)
     angles = torch.arange(24.0)[:, None] / 1e4 ** (torch.arange(0, 64, 2) / 64)  # (L, D/2)
     assert torch.allclose(enc.pos, torch.stack([angles.sin(), angles.cos()], -1).flatten(1), atol=1e-5)
@@ -420,7 +430,7 @@ def test_shapes_meta_names_its_encoders_and_old_versions_are_rewritten(tmp_path,
     out = str(tmp_path / "shapes")
     data.make_shapes_dataset(out, 20, res=16, val=8, text_dim=16, max_len=12)
     meta = data.read_index(out)["meta"]
-    assert meta["text_encoder"] == {"type": "builtin", "dim": 16, "max_len": 12}
+    assert meta["text_encoder"] == {"type": "builtin", "dim": 16, "max_len": 12, "context": 0.7}
     assert meta["latents"] == {"type": "pixels"}
     assert (meta["text_dim"], meta["max_len"], meta["latent"]) == (16, 12, "pixels")  # kept for older readers
     everything = data.load_all(out)
