@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ class TrainConfig:
                                            # size used) makes the data order independent of the number of ranks
     # model
     model: str = "MicroDiT_S"              # a preset of model.py
+    model_args: str = ""                   # overrides of the preset's fields, e.g. "mixer_depth=0,num_experts=0"
+                                           # or "mlp_ratio=2.5:2.5" (a tuple field: values joined by ':')
     latent_size: int = 0                   # 0 = the preset's; 64 for MicroDiT at 512px
     pos_interp_scale: float = 0.0          # 0 = the preset's; 2 at 512px keeps the 256px position range (SPEC A2)
     # diffusion (EDM, SPEC A3)
@@ -51,13 +53,15 @@ class TrainConfig:
     P_std: float = 1.2
     sigma_data: float = 0.9
     mask_ratio: float = 0.5                # fraction of patches dropped after the patch-mixer
+    unmasked_steps: int = 250              # the last this-many steps train unmasked, as the recipe's stages 2 and 4
+                                           # do: sampling is always unmasked, so the model ends on what it will see
     caption_dropout: float = 0.1           # captions replaced by zeros, for classifier-free guidance
     # optimisation (AdamW)
     batch_size: int = 64                   # global batch, whatever the world size: micro_batch x grad_accum x world
     grad_accum: int = 1                    # micro-batches per optimizer step (when micro_batch = 0)
     micro_batch: int = 0                   # images per rank per forward pass; > 0: grad_accum = batch_size /
                                            # (micro_batch x world), so one config fits any GPU count; 0: from grad_accum
-    max_steps: int = 2000                  # the default run: ~10 min on 2 CPU cores
+    max_steps: int = 2000                  # the default run: ~12 min on 2 CPU cores
     lr: float = 1e-3
     lr_schedule: str = "cosine"            # "cosine" (warmup, cosine to lr * min_lr_ratio) or "constant" (warmup)
     warmup_steps: int = 200
@@ -112,6 +116,21 @@ def parse_value(key, text, typ):
         raise ValueError(f"--{key}: expected {typ.__name__}, got {text!r}") from None
 
 
+def model_overrides(text, preset):
+    """'key=value,...' -> {field: value} typed like the preset's own fields; a clear error naming a bad key."""
+    known, out = {f.name: getattr(preset, f.name) for f in fields(preset)}, {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if key not in known or not sep:
+            raise ValueError(f"--model_args: {item!r} is not FIELD=VALUE with FIELD one of: {', '.join(known)}")
+        old = known[key]
+        if isinstance(old, tuple):
+            out[key] = tuple(parse_value(f"model_args {key}", v, type(old[0])) for v in value.split(":"))
+        else:
+            out[key] = parse_value(f"model_args {key}", value, type(old))
+    return out
+
+
 def load_config(argv):
     """TrainConfig from config files (plain Python assigning fields) and --key=value overrides, in order."""
     cfg = TrainConfig()
@@ -139,6 +158,11 @@ def load_config(argv):
                 if not isinstance(value, expected) and not (float in expected and isinstance(value, int)):
                     raise ValueError(f"{arg}: {key} must be {types[key]}, got {value!r}")
                 setattr(cfg, key, value)
+    if cfg.unmasked_steps < 0:
+        raise ValueError(f"--unmasked_steps must be >= 0, got {cfg.unmasked_steps}")
+    if cfg.model_args:  # checked now, so a typo is a one-line error before any work
+        from model import get_config
+        model_overrides(cfg.model_args, get_config(cfg.model))
     return cfg
 
 
@@ -274,6 +298,7 @@ def train(cfg):
         raise ValueError(f"--dataset must be 'shapes' or 'shards', got {cfg.dataset!r}")
     mcfg = get_config(cfg.model, **{k: v for k, v in (("latent_size", cfg.latent_size),
                                                        ("pos_interp_scale", cfg.pos_interp_scale)) if v})
+    mcfg = replace(mcfg, **model_overrides(cfg.model_args, mcfg))
     if cfg.dataset == "shapes":  # the built-in images are the latents: their size and caption width follow the model
         res, text_dim = mcfg.latent_size, mcfg.caption_dim
         cfg.data_dir = cfg.data_dir or f"data_cache/shapes{res}" + (f"_d{text_dim}" if text_dim != 64 else "")
@@ -327,12 +352,14 @@ def train(cfg):
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         if agreed.sum() != 0:
             raise RuntimeError(f"rank {rank} starts at step {step} but another rank does not: is {cfg.out_dir} shared?")
-    flops = flops_per_image(mcfg, cfg.mask_ratio, caption_len=index["text_shape"][0])
+    mask_at = lambda step: 0.0 if step >= cfg.max_steps - cfg.unmasked_steps else cfg.mask_ratio
+    flops_at = {m: flops_per_image(mcfg, m, caption_len=index["text_shape"][0]) for m in (cfg.mask_ratio, 0.0)}
     peak = cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     if master:
-        total = flops * cfg.batch_size * (cfg.max_steps - step)
-        print(f"model {cfg.model}: {num_params(net):,} parameters, {flops / 1e9:.2f} training GFLOPs per image "
-              f"at mask ratio {cfg.mask_ratio}; device {device}{' bf16' if bf16 else ''}, "
+        total = sum(flops_at[mask_at(s)] for s in range(step, cfg.max_steps)) * cfg.batch_size
+        unmasked = f", the last {cfg.unmasked_steps} steps unmasked" if cfg.unmasked_steps and cfg.mask_ratio else ""
+        print(f"model {cfg.model}: {num_params(net):,} parameters, {flops_at[cfg.mask_ratio] / 1e9:.2f} training "
+              f"GFLOPs per image at mask ratio {cfg.mask_ratio}{unmasked}; device {device}{' bf16' if bf16 else ''}, "
               f"peak {peak / 1e12:.2f} TFLOP/s (measured matmul)")
         print(f"this run: {total:.2e} training FLOPs, {gpu_hours(total):.2g} H100-hours = ${dollars(gpu_hours(total)):.2g} "
               f"at {DEFAULT_MFU:.0%} MFU and ${PRICE_PER_GPU_HOUR}/hour (scaling.py)")
@@ -369,7 +396,7 @@ def train(cfg):
             torch.manual_seed(1234)
             net_eval = ema or net
             results = {}
-            if val is not None:
+            if val is not None and cfg.val_n > 0:
                 x, y = val["latent"][:cfg.val_n].to(device), val["text"][:cfg.val_n].to(device)
                 losses = [edm_loss(net_eval, x[i:i + 64], y[i:i + 64], 0.0, cfg.P_mean, cfg.P_std, cfg.sigma_data)
                           for i in range(0, len(x), 64)]
@@ -427,7 +454,7 @@ def train(cfg):
             sync = i + micro_batch == len(x) or not ddp  # all-reduce gradients on the last micro-batch only
             with (contextlib.nullcontext() if sync else model.no_sync()), \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                micro_loss = edm_loss(model, x[mb], y[mb], cfg.mask_ratio, sigma_data=cfg.sigma_data,
+                micro_loss = edm_loss(model, x[mb], y[mb], mask_at(step), sigma_data=cfg.sigma_data,
                                       sigma=sigma[mb], noise=noise[mb])
                 (micro_loss / grad_accum).backward()
             loss += micro_loss.detach() / grad_accum
@@ -468,7 +495,7 @@ def train(cfg):
             if master:
                 ips = cfg.batch_size / dt
                 print(f"step {step:6d} | loss {loss_avg.item():.4f} | lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms/step "
-                      f"| {ips:.0f} img/s | MFU {flops * ips / world / peak:.1%}"
+                      f"| {ips:.0f} img/s | MFU {flops_at[mask_at(step - 1)] * ips / world / peak:.1%}"
                       + (f" | skipped {skipped}" if skipped else ""), flush=True)
                 log({"step": step, "loss": loss_avg.item(), "ms_per_step": dt * 1000, "img_per_s": ips,
                      "skipped": skipped})
@@ -489,11 +516,13 @@ def train(cfg):
         if stopping:
             print(f"stopped by signal at step {step}; checkpoint written, resume with --resume=auto", flush=True)
         else:
+            final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
+            if not os.path.isdir(final):  # --max_steps=0: the initial weights are the result
+                save_checkpoint()
             results = evaluate()
             print(f"done: {step} steps ({step - step_start} here) in {train_s:.0f}s | final "
                   + " ".join(f"{k} {v:.3f}" for k, v in results.items()))
             log({"step": step, "final": True, "train_s": train_s, **results})
-            final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
             add_results(final, results)  # the model card states what was measured
             if cfg.push_to_hub:
                 print(f"uploaded {final} to the Hub: {push_to_hub(final, cfg.push_to_hub)}")

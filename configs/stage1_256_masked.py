@@ -14,6 +14,7 @@ data_lanes = 8                            # 8 shard streams fill each global bat
 # EDM at 256px (SPEC A3): ln(sigma) ~ N(-0.6, 1.2^2), sigma_data 0.9; 10% of captions dropped for guidance
 P_mean, P_std, sigma_data = -0.6, 1.2, 0.9
 mask_ratio = 0.75
+unmasked_steps = 0                        # the recipe trains unmasked in a stage of its own
 caption_dropout = 0.1
 
 # 2048 images a step = 8 GPUs x 256 micro-batch x 1 accumulation (4 GPUs: 2 accumulation; 1 GPU: 8).

@@ -16,6 +16,7 @@ data_lanes = 8
 
 P_mean, P_std, sigma_data = 0.0, 0.6, 0.9  # more noise at 512px: a given sigma hides less of a larger image (SPEC A3)
 mask_ratio = 0.75
+unmasked_steps = 0                        # the recipe trains unmasked in a stage of its own
 caption_dropout = 0.1
 
 # The released micro-batch at 512px is 32, so 2048 = 8 GPUs x 32 x 8 accumulation.

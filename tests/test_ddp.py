@@ -23,7 +23,7 @@ def args(tmp_path, out, **kw):
     """A tiny run: 2 data lanes, so 1 and 2 ranks read the same global batches; 4 images per forward pass."""
     cfg = dict(model="MicroDiT_test", dataset="shards", data_dir=tmp_path / "data", batch_size=8, micro_batch=4,
                data_lanes=2, max_steps=4, warmup_steps=2, log_every=1, ckpt_every=1000, eval_n=0, val_n=16,
-               peak_flops=1e12, threads=1, out_dir=tmp_path / out)
+               peak_flops=1e12, threads=1, out_dir=tmp_path / out, unmasked_steps=0)
     cfg.update(kw)
     return [os.path.join(ROOT, "train.py")] + [f"--{k}={v}" for k, v in cfg.items()]
 

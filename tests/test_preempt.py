@@ -30,7 +30,8 @@ def same_files(a, b, names=("model.safetensors", "ema.safetensors", "state.safet
 
 def argv(data_dir, out_dir, **kw):
     cfg = dict(model="MicroDiT_test", data_dir=data_dir, dataset_size=200, batch_size=8, max_steps=30, warmup_steps=2,
-               log_every=1, ckpt_every=1000, eval_n=0, val_n=16, peak_flops=1e12, threads=1, out_dir=out_dir)
+               log_every=1, ckpt_every=1000, eval_n=0, val_n=16, peak_flops=1e12, threads=1, out_dir=out_dir,
+               unmasked_steps=0)  # the switch to unmasked steps depends on max_steps, which these runs vary
     cfg.update(kw)
     return [sys.executable, os.path.join(ROOT, "train.py")] + [f"--{k}={v}" for k, v in cfg.items()]
 

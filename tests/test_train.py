@@ -36,6 +36,18 @@ def test_bad_overrides_name_the_key(argv, message):
         train.load_config(argv)
 
 
+def test_model_args_override_preset_fields():
+    cfg = train.load_config(["--model=MicroDiT_S", "--model_args=mixer_depth=0, mlp_ratio=2.5:2.5,bias=true"])
+    from model import get_config
+    over = train.model_overrides(cfg.model_args, get_config(cfg.model))
+    assert over == {"mixer_depth": 0, "mlp_ratio": (2.5, 2.5), "bias": True}
+    assert type(over["mixer_depth"]) is int and type(over["mlp_ratio"][0]) is float
+    with pytest.raises(ValueError, match="'depht=3' is not FIELD=VALUE"):
+        train.load_config(["--model_args=depht=3"])
+    with pytest.raises(ValueError, match="--model_args dim: expected int, got '1.5'"):
+        train.load_config(["--model_args=dim=1.5"])
+
+
 def test_config_file_then_overrides(tmp_path):
     f = tmp_path / "run.py"
     f.write_text("# 8 images x 4 accumulation\nbatch_size = 8 * 4\nlr = 1\nmodel = 'MicroDiT_test'\n")
@@ -67,7 +79,7 @@ def test_lr_schedule():
 def tiny_config(tmp_path, **kw):
     base = dict(model="MicroDiT_test", data_dir=str(tmp_path / "data"), dataset_size=200, batch_size=8,
                 max_steps=6, warmup_steps=2, log_every=2, ckpt_every=3, keep_ckpts=5, eval_n=0, val_n=16,
-                peak_flops=1e12, out_dir=str(tmp_path / "run"), threads=1)
+                peak_flops=1e12, out_dir=str(tmp_path / "run"), threads=1, unmasked_steps=2)
     base.update(kw)
     return train.TrainConfig(**base)
 
@@ -87,6 +99,23 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
     state = json.load(open(tmp_path / "resumed" / "ckpt-0000006" / "state.json"))
     assert state["step"] == 6 and state["samples"] == 48
+
+
+def test_zero_steps_saves_and_scores_the_initial_weights(tmp_path):
+    train.train(tiny_config(tmp_path, max_steps=0))
+    ckpt = tmp_path / "run" / "ckpt-0000000"
+    assert (ckpt / "model.safetensors").exists() and "val_loss" in json.loads((ckpt / "config.json").read_text())["results"]
+
+
+def test_unmasked_steps_end_the_run_unmasked(tmp_path, monkeypatch):
+    import model
+    seen, real = [], model.edm_loss
+    monkeypatch.setattr(model, "edm_loss", lambda net, x, y, mask_ratio, **kw: seen.append(mask_ratio) or
+                        real(net, x, y, mask_ratio, **kw))
+    train.train(tiny_config(tmp_path, mask_ratio=0.5, max_steps=5, unmasked_steps=2, val_n=0))
+    assert seen == [0.5, 0.5, 0.5, 0.0, 0.0]
+    with pytest.raises(ValueError, match="--unmasked_steps must be >= 0"):
+        train.load_config(["--unmasked_steps=-1"])
 
 
 def test_model_and_data_mismatch_is_a_clear_error(tmp_path):
@@ -232,6 +261,7 @@ def test_recipe_configs_follow_spec_a4():
         assert (cfg.model, cfg.batch_size, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.bf16, cfg.sigma_data,
                 cfg.caption_dropout, cfg.resume) == ("MicroDiT_XL_2", 2048, 0.9, 0.999, 1e-8, 0.1, True, 0.9, 0.1,
                                                      "auto")
+        assert cfg.mask_ratio == 0 or cfg.unmasked_steps == 0  # the masked stages stay masked to their end
         assert cfg.batch_size % (cfg.micro_batch * 8) == 0 and cfg.data_lanes % 8 == 0  # one 8-GPU node
     s1, s2, s3, s4 = cfgs.values()
     assert s1.min_lr_ratio == 0.33 and train.lr_at(s1.max_steps, s1) == pytest.approx(s2.lr, rel=0.02)
