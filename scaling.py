@@ -8,11 +8,13 @@ Fits: power laws S = a X^b on the Pareto frontier ("On the Scalability of Diffus
 Text-to-Image Generation", Li et al. 2024), the Chinchilla form L(N, D) = E + A/N^alpha + B/D^beta
 fitted as in Hoffmann et al. 2022 (approach 3) and Besiroglu et al. 2024 (SPEC C), bootstrap
 intervals, and the compute-optimal split of a budget that the fitted form implies.
-Sweep: a grid of small train.py runs on the built-in dataset, fitted and plotted.
+Sweep: a grid of small train.py runs on the built-in dataset, fitted and plotted. Ablate: the papers'
+ablations in miniature, every run at the same training FLOPs, tabled as mean +- spread over seeds.
 
     python scaling.py cost [--preset MicroDiT_XL_2] [--gpu-peak 989.4] [--mfu 0.4] [--price 3.75]
     python scaling.py sweep [--out results.jsonl]
     python scaling.py fit results.jsonl [--plot scaling.png]
+    python scaling.py ablate [--out results/ablations.jsonl] [--tables masking,moe] [--jobs 2] [--report]
 """
 import argparse
 import itertools
@@ -284,7 +286,7 @@ def sweep(out_path="results.jsonl", models=SWEEP_MODELS, steps_list=SWEEP_STEPS,
             # each budget is its own run with its own schedule (warmup, then cosine to the end), as in Chinchilla
             subprocess.run([sys.executable, "train.py", f"--model={model}", f"--max_steps={steps}",
                             f"--warmup_steps={steps // 10}", f"--batch_size={batch_size}",
-                            f"--mask_ratio={mask_ratio}", f"--out_dir={run_dir}"], check=True)
+                            f"--mask_ratio={mask_ratio}", "--unmasked_steps=0", f"--out_dir={run_dir}"], check=True)
             with open(os.path.join(run_dir, "log.jsonl")) as f:
                 final = [r for r in map(json.loads, f) if r.get("final")][-1]
             accs = [final["acc_shape"], final["acc_colour"], final["acc_position"]]
@@ -295,6 +297,184 @@ def sweep(out_path="results.jsonl", models=SWEEP_MODELS, steps_list=SWEEP_STEPS,
             with open(out_path, "a") as f:  # one line per finished run
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row))
+
+
+# -----------------------------------------------------------------------------
+# Ablations: the papers' claims in miniature. Every run gets the same training FLOPs, the budget C of the
+# base run (MicroDiT_S at the recipe's 75% masking, 1,000 steps of 32 images, the last 10% unmasked as the
+# recipe's stage 2), so a cheaper variant takes more steps. Each variant runs with >= 2 seeds (the seed
+# also draws its own dataset).
+
+ABLATION_BATCH = 32
+ABLATION_BASE_STEPS = 1000
+ABLATION_SEEDS = (0, 1)
+ABLATION_DATASET_SIZE = 40_000
+ABLATION_UNMASKED = 0.1  # the fraction of a masked run's steps trained unmasked at its end (recipe: 30K of 280K)
+BASE = dict(model="MicroDiT_S", mask_ratio=0.75, model_args="", budget=1.0)
+VARIANTS = {  # name -> what differs from BASE
+    "deferred75": {},
+    "nomask": dict(mask_ratio=0.0),
+    "naive75": dict(model_args="mixer_depth=0"),  # the same backbone, masked without a patch-mixer
+    # unmasked and narrower, about the base's step cost (0.42 vs 0.45 training GFLOPs per image)
+    "small": dict(mask_ratio=0.0, model_args="dim=96,mixer_dim=96,mixer_depth=1"),
+    "mask25": dict(mask_ratio=0.25),
+    "mask50": dict(mask_ratio=0.5),
+    "dense": dict(model_args="num_experts=0"),  # a SwiGLU FFN of the same width in every block
+    "uniform": dict(model_args="qkv_ratio=0.75:0.75,mlp_ratio=2.5:2.5"),  # the layer-wise widths' means
+    "unet": dict(model="UNet_S", mask_ratio=0.0),  # 4.2M parameters against MicroDiT_S's 3.9M
+    "quarter": dict(budget=0.25),
+    "half": dict(budget=0.5),
+}
+ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
+    "masking": ("Deferred masking with a patch-mixer beats naive masking, no masking and a smaller unmasked "
+                "model of the same step cost, at equal compute (MicroDiT paper)",
+                [("no masking", "nomask"), ("naive 75% masking, no patch-mixer", "naive75"),
+                 ("deferred 75% masking, patch-mixer", "deferred75"), ("smaller model, no masking", "small")]),
+    "mask_ratio": ("With the patch-mixer, masking up to 75% costs little quality at equal compute (MicroDiT paper)",
+                   [("0", "nomask"), ("0.25", "mask25"), ("0.5", "mask50"), ("0.75", "deferred75")]),
+    "moe": ("Expert-choice MoE beats a dense FFN (MicroDiT paper)",
+            [("expert-choice MoE, every 2nd block", "deferred75"), ("dense FFN", "dense")]),
+    "layer_scaling": ("Layer-wise scaled widths beat uniform widths (MicroDiT paper)",
+                      [("layer-wise scaling", "deferred75"), ("uniform widths", "uniform")]),
+    "unet": ("A transformer beats a UNet of about the same size (scaling paper: the UNets win on TIFA at equal "
+             "compute; their transformer variants scale better with data)",
+             [("MicroDiT_S, 75% masking", "deferred75"), ("MicroDiT_S, no masking", "nomask"), ("UNet_S", "unet")]),
+    "compute": ("Quality follows a power law of training compute, S = 0.47 C^0.02 (scaling paper, TIFA, C in GFLOPs)",
+                [("C/4", "quarter"), ("C/2", "half"), ("C", "deferred75")]),
+}
+ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", "params", "steps", "unmasked_steps",
+                 "images", "flops", "final_loss", "acc_shape", "acc_colour", "acc_position", "acc_mean", "wall_s")
+
+
+def ablation_runs(tables, seeds, base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH):
+    """The runs the tables need, each once: {run: dict(variant, seed, model, mask_ratio, model_args, steps, ...)}."""
+    from train import model_overrides
+    unknown = [t for t in tables if t not in ABLATION_TABLES]
+    if unknown:
+        raise ValueError(f"ablate: unknown tables {unknown}; choose from {list(ABLATION_TABLES)}")
+    def per_image(cfg, mask_ratio):  # training FLOPs per image, averaged over the masked and unmasked steps
+        f = lambda m: flops_per_image(cfg, m, train=True, caption_len=24)  # the built-in encoder's 24 tokens
+        return (1 - ABLATION_UNMASKED) * f(mask_ratio) + ABLATION_UNMASKED * f(0.0) if mask_ratio else f(0.0), f
+
+    budget = per_image(get_config(BASE["model"]), BASE["mask_ratio"])[0] * base_steps * batch_size
+    runs = {}
+    for variant in dict.fromkeys(v for t in tables for _, v in ABLATION_TABLES[t][1]):
+        spec = {**BASE, **VARIANTS[variant]}
+        preset = get_config(spec["model"])
+        cfg = replace(preset, **model_overrides(spec["model_args"], preset))
+        f_avg, f = per_image(cfg, spec["mask_ratio"])
+        steps = max(1, round(spec["budget"] * budget / (f_avg * batch_size)))
+        unmasked = round(ABLATION_UNMASKED * steps) if spec["mask_ratio"] else 0
+        with torch.device("meta"):
+            params = num_params(build_model(cfg))
+        for seed in seeds:
+            runs[f"{variant}_s{seed}"] = dict(variant=variant, seed=seed, model=spec["model"],
+                                              mask_ratio=spec["mask_ratio"], model_args=spec["model_args"],
+                                              params=params, steps=steps, unmasked_steps=unmasked,
+                                              images=steps * batch_size,
+                                              flops=((steps - unmasked) * f(spec["mask_ratio"]) + unmasked * f(0.0))
+                                              * batch_size)
+    return runs
+
+
+def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2, base_steps=ABLATION_BASE_STEPS,
+           batch_size=ABLATION_BATCH, run_root="out/ablate", data_root="data_cache",
+           dataset_size=ABLATION_DATASET_SIZE, train_args=()):
+    """Train and evaluate every run the tables need, `jobs` at a time; one JSON line per finished run."""
+    import concurrent.futures
+    import threading
+    import data
+    runs = ablation_runs(tables, seeds, base_steps, batch_size)
+    done = set()
+    if os.path.exists(out_path):  # an interrupted ablation resumes: finished runs are not repeated
+        with open(out_path) as f:
+            done = {json.loads(line)["run"] for line in f if line.strip()}
+    todo = {k: r for k, r in runs.items() if k not in done}
+    print(f"ablate: {len(runs)} runs ({len(runs) - len(todo)} already in {out_path}), {jobs} at a time")
+    data_dir = lambda seed: os.path.join(data_root, f"ablate_shapes32_seed{seed}")
+    for seed in sorted({r["seed"] for r in todo.values()}):  # written once, before runs that share it start
+        data.make_shapes_dataset(data_dir(seed), dataset_size, res=32, seed=seed, text_dim=64)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    lock = threading.Lock()
+
+    def run(name, r):
+        run_dir = os.path.join(run_root, name)
+        os.makedirs(run_dir, exist_ok=True)
+        cmd = [sys.executable, "train.py", f"--model={r['model']}", f"--mask_ratio={r['mask_ratio']}",
+               f"--model_args={r['model_args']}", f"--max_steps={r['steps']}", f"--warmup_steps={r['steps'] // 10}",
+               f"--unmasked_steps={r['unmasked_steps']}",
+               f"--batch_size={batch_size}", f"--seed={r['seed']}", f"--data_dir={data_dir(r['seed'])}",
+               f"--dataset_size={dataset_size}",
+               f"--out_dir={run_dir}", f"--threads={threads}", f"--ckpt_every={r['steps']}", "--resume=auto",
+               *train_args]
+        t0 = time.time()
+        with open(os.path.join(run_dir, "stdout.txt"), "a") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code:
+            raise RuntimeError(f"ablate: run {name} failed (exit {code}); its output: {run_dir}/stdout.txt")
+        with open(os.path.join(run_dir, "log.jsonl")) as f:
+            final = [x for x in map(json.loads, f) if x.get("final")][-1]
+        accs = [final["acc_shape"], final["acc_colour"], final["acc_position"]]
+        row = dict(run=name, **r, final_loss=final["val_loss"], acc_shape=accs[0], acc_colour=accs[1],
+                   acc_position=accs[2], acc_mean=sum(accs) / 3, wall_s=round(time.time() - t0, 1))
+        with lock:
+            with open(out_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"ablate: {name}: {r['steps']} steps, val loss {row['final_loss']:.4f}, mean accuracy "
+                  f"{row['acc_mean']:.3f}, {row['wall_s']:.0f}s", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(run, k, r) for k, r in todo.items()]:
+            future.result()  # the first failure stops here, with its message; finished runs stay in out_path
+
+
+def load_ablations(path):
+    """The rows of an ablation JSONL, checked for the keys ablate writes."""
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                missing = [k for k in ABLATION_KEYS if k not in row]
+                if missing:
+                    raise ValueError(f"{path}:{lineno}: missing keys {missing}")
+                rows.append(row)
+    return rows
+
+
+def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
+    """Markdown tables: each row a variant, its numbers the mean +- half the range over seeds."""
+    by_variant = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r)
+    stat = lambda rs, k: (np.mean([r[k] for r in rs]), (max(r[k] for r in rs) - min(r[k] for r in rs)) / 2)
+    cell = lambda rs, k, fmt: "{0:{2}} ± {1:{2}}".format(*stat(rs, k), fmt)
+    out = []
+    for t in tables:
+        claim, table_rows = ABLATION_TABLES[t]
+        out += [f"### {t}", "", f"Claim: {claim}.", "",
+                "| variant | params | train GFLOPs | steps (unmasked) | seeds | val loss (mask 0) | shape | colour | position | "
+                "mean accuracy | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for label, v in table_rows:
+            rs = by_variant.get(v, [])
+            if not rs:
+                out.append(f"| {label} | not run |" + " |" * 9)
+                continue
+            out.append(f"| {label} | {rs[0]['params'] / 1e6:.2f}M | {rs[0]['flops'] / 1e9:,.0f} | {rs[0]['steps']} "
+                       f"({rs[0]['unmasked_steps'] if rs[0]['mask_ratio'] else 'all'}) | "
+                       f"{len(rs)} | {cell(rs, 'final_loss', '.4f')} | {cell(rs, 'acc_shape', '.3f')} | "
+                       f"{cell(rs, 'acc_colour', '.3f')} | {cell(rs, 'acc_position', '.3f')} | "
+                       f"{cell(rs, 'acc_mean', '.3f')} | {np.mean([r['wall_s'] for r in rs]):.0f} |")
+        if t == "compute":
+            pts = [r for label, v in table_rows for r in by_variant.get(v, [])]
+            if len({r["flops"] for r in pts}) >= 2:
+                gf = [r["flops"] / 1e9 for r in pts]
+                a, b = fit_power_law(gf, [r["acc_mean"] for r in pts])
+                la, lb = fit_power_law(gf, [r["final_loss"] for r in pts])
+                out += ["", f"Fitted on these {len(pts)} runs (C in GFLOPs): mean accuracy = {a:.3g} C^{b:.3f}; "
+                        f"val loss = {la:.3g} C^{lb:.3f}. The paper: TIFA S = 0.47 C^0.02."]
+        out.append("")
+    return "\n".join(out)
 
 
 # -----------------------------------------------------------------------------
@@ -421,6 +601,18 @@ def main(argv=None):
     c.add_argument("--price", type=float, default=PRICE_PER_GPU_HOUR, help="dollars per GPU-hour")
     s = sub.add_parser("sweep", help="train and evaluate a grid of small models (calls train.py)")
     s.add_argument("--out", default="results.jsonl")
+    a = sub.add_parser("ablate", help="the papers' ablations in miniature, at equal FLOPs (calls train.py)")
+    a.add_argument("--out", default="results/ablations.jsonl")
+    a.add_argument("--tables", default=",".join(ABLATION_TABLES), help="comma-separated, from: "
+                   + ", ".join(ABLATION_TABLES))
+    a.add_argument("--seeds", default=",".join(map(str, ABLATION_SEEDS)))
+    a.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cpu_count/jobs threads")
+    a.add_argument("--base-steps", type=int, default=ABLATION_BASE_STEPS, help="the budget C, in base-run steps")
+    a.add_argument("--run-root", default="out/ablate")
+    a.add_argument("--data-root", default="data_cache")
+    a.add_argument("--dataset-size", type=int, default=ABLATION_DATASET_SIZE)
+    a.add_argument("--train-args", default="", help="extra train.py arguments for every run, e.g. '--eval_n=64'")
+    a.add_argument("--report", action="store_true", help="only print the tables of --out")
     f = sub.add_parser("fit", help="fit a sweep's results and plot them")
     f.add_argument("results")
     f.add_argument("--plot", default=None, help="write a log-log PNG here")
@@ -434,6 +626,18 @@ def main(argv=None):
         print_cost(args.preset, args.gpu_peak * 1e12, args.mfu, args.price)
     elif args.cmd == "sweep":
         sweep(args.out)
+    elif args.cmd == "ablate":
+        tables = [t for t in args.tables.split(",") if t]
+        try:
+            if not args.report:
+                seeds = [int(x) for x in args.seeds.split(",") if x]
+                if len(seeds) < 1 or args.jobs < 1 or args.base_steps < 1:
+                    p.error("ablate: need at least one seed, --jobs >= 1 and --base-steps >= 1")
+                ablate(args.out, tables, seeds, args.jobs, args.base_steps, run_root=args.run_root,
+                       data_root=args.data_root, dataset_size=args.dataset_size, train_args=args.train_args.split())
+            print(ablation_tables(load_ablations(args.out), tables))
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            p.error(str(e))
     else:
         try:
             rows = load_results(args.results)
