@@ -1302,12 +1302,12 @@ def _write_shapes(out, scenes, res, enc, shard_size, meta, desc):
             bar.update(len(chunk))
 
 
-def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, max_len=24, val=512):
+def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, max_len=24, val=512, context=0.7):
     """Write the shapes dataset (n train images in out/, `val` held-out ones in out/val/) unless it exists."""
     # below 16px the scorer cannot tell shapes apart, but 8px images still serve the fast plumbing tests
     if n < 1 or res < 8:
         raise ValueError(f"make_shapes_dataset: need n >= 1 and res >= 8, got n={n}, res={res}")
-    enc = BuiltinTextEncoder(text_dim, max_len)
+    enc = BuiltinTextEncoder(text_dim, max_len, context)
     scenes_id = zlib.crc32(json.dumps([COLOURS, POSITIONS, SIZES, GAP, SUPERSAMPLE, HELDOUT_EVERY]).encode())
     request = {"dataset": "shapes", "n": n, "res": res, "seed": seed, "val": val, "text_dim": text_dim,
                "max_len": max_len}
@@ -1349,6 +1349,7 @@ def main():
     p.add_argument("--shard-size", type=int, default=4096, help="records per shard")
     p.add_argument("--text-dim", type=int, default=64, help="built-in text encoder width")
     p.add_argument("--max-len", type=int, default=24, help="caption tokens (padded or truncated)")
+    p.add_argument("--text-context", type=float, default=0.7, help="built-in text encoder's causal context; 0 = none")
     p.add_argument("--val", type=int, default=512, help="held-out images written to OUT/val (0: none)")
     p = sub.add_parser("prepare", help="encode image-caption pairs into VAE latents + caption features (resumable)")
     p.add_argument("--input", required=True, help="a folder of images with same-name .txt captions, or a .jsonl "
@@ -1373,7 +1374,7 @@ def main():
     args = parser.parse_args()
     if args.command == "shapes":
         make_shapes_dataset(args.out, args.n, args.res, args.seed, args.shard_size, args.text_dim, args.max_len,
-                            args.val)
+                            args.val, args.text_context)
     else:
         prepare(args.input, args.out, args.res, args.vae, args.vae_subfolder, args.text_encoder,
                 args.text_encoder_subfolder, args.batch_size, args.device, args.shard_size, args.seed, args.sample,

@@ -37,6 +37,7 @@ class TrainConfig:
     data_dir: str = ""                     # latent shards (index.json + shard-*.safetensors), a local folder or
                                            # hf://datasets/USER/NAME[@REV][/SUBDIR]; "" = data_cache/shapes<res>
     dataset_size: int = 40_000             # built-in dataset: training images to generate
+    text_context: float = 0.7              # built-in dataset: the text encoder's causal context (data.py); 0 = none
     shuffle_buffer: int = 8192             # records shuffled together in memory
     num_workers: int = 0                   # DataLoader workers per rank and lane
     data_lanes: int = 0                    # shard streams dealt out to ranks, each filling batch_size/lanes of every
@@ -301,9 +302,11 @@ def train(cfg):
     mcfg = replace(mcfg, **model_overrides(cfg.model_args, mcfg))
     if cfg.dataset == "shapes":  # the built-in images are the latents: their size and caption width follow the model
         res, text_dim = mcfg.latent_size, mcfg.caption_dim
-        cfg.data_dir = cfg.data_dir or f"data_cache/shapes{res}" + (f"_d{text_dim}" if text_dim != 64 else "")
+        cfg.data_dir = cfg.data_dir or f"data_cache/shapes{res}" + (f"_d{text_dim}" if text_dim != 64 else "") + \
+            (f"_ctx{cfg.text_context:g}" if cfg.text_context != 0.7 else "")
         if master:  # a no-op when the same dataset is already there; an error if a different one is
-            data.make_shapes_dataset(cfg.data_dir, cfg.dataset_size, res=res, seed=cfg.seed, text_dim=text_dim)
+            data.make_shapes_dataset(cfg.data_dir, cfg.dataset_size, res=res, seed=cfg.seed, text_dim=text_dim,
+                                     context=cfg.text_context)
         if ddp:
             dist.barrier()
     index = data.read_index(cfg.data_dir)
@@ -430,7 +433,7 @@ def train(cfg):
     stop = []  # SIGTERM / SIGINT: finish this step, checkpoint, exit 0
     handlers = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
     gen = torch.Generator(device=device)  # seeded alike on every rank: the noise of the global batch
-    t_log, loss_sum, n_ok, n_log, bad_in_row, stopping = time.perf_counter(), 0.0, 0, 0, 0, False
+    t_log, loss_sum, n_ok, n_log, flops_log, bad_in_row, stopping = time.perf_counter(), 0.0, 0, 0, 0.0, 0, False
     t_start, step_start = t_log, step
     while step < cfg.max_steps and not stopping:
         for g in opt.param_groups:
@@ -482,6 +485,7 @@ def train(cfg):
                 for pe, p in zip(ema.parameters(), net.parameters()):
                     pe.lerp_(p.detach(), 1 - decay)
             loss_sum, n_ok, bad_in_row = loss_sum + loss, n_ok + 1, 0
+        flops_log += flops_at[mask_at(step)] * cfg.batch_size
         step += 1
         n_log += 1
         samples += cfg.batch_size
@@ -495,11 +499,11 @@ def train(cfg):
             if master:
                 ips = cfg.batch_size / dt
                 print(f"step {step:6d} | loss {loss_avg.item():.4f} | lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms/step "
-                      f"| {ips:.0f} img/s | MFU {flops_at[mask_at(step - 1)] * ips / world / peak:.1%}"
+                      f"| {ips:.0f} img/s | MFU {flops_log / (dt * n_log) / world / peak:.1%}"
                       + (f" | skipped {skipped}" if skipped else ""), flush=True)
                 log({"step": step, "loss": loss_avg.item(), "ms_per_step": dt * 1000, "img_per_s": ips,
                      "skipped": skipped})
-            t_log, loss_sum, n_ok, n_log = time.perf_counter(), 0.0, 0, 0
+            t_log, loss_sum, n_ok, n_log, flops_log = time.perf_counter(), 0.0, 0, 0, 0.0
         if master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             results = evaluate()
             print(f"step {step:6d} | eval " + " ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)

@@ -438,6 +438,11 @@ def test_shapes_meta_names_its_encoders_and_old_versions_are_rewritten(tmp_path,
                        everything["text"])
     images = data.latents_to_images(everything["latent"][:5], meta["latents"])
     assert all(np.array_equal(im, np.asarray(data.render(data.train_scene(0, i), 16))) for i, im in enumerate(images))
+    plain = str(tmp_path / "plain")  # without the causal context: the same images, the older encoder's features
+    data.make_shapes_dataset(plain, 20, res=16, val=8, text_dim=16, max_len=12, context=0.0)
+    assert data.read_index(plain)["meta"]["text_encoder"]["context"] == 0.0
+    without = data.BuiltinTextEncoder(16, 12, 0.0)(everything["caption"]).half().float()
+    assert torch.equal(data.load_all(plain)["text"], without) and not torch.equal(without, everything["text"])
     assert data.vae_from_spec(meta["latents"]) is None
     # A dataset written by an older data.py (here: without the encoder specs) for the same request is rewritten
     index_path = os.path.join(out, "index.json")
