@@ -336,8 +336,8 @@ ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
             [("expert-choice MoE, every 2nd block", "deferred75"), ("dense FFN", "dense")]),
     "layer_scaling": ("Layer-wise scaled widths beat uniform widths (MicroDiT paper)",
                       [("layer-wise scaling", "deferred75"), ("uniform widths", "uniform")]),
-    "unet": ("A transformer beats a UNet of about the same size (scaling paper: the UNets win on TIFA at equal "
-             "compute; their transformer variants scale better with data)",
+    "unet": ("At matched size the backbone matters: the scaling paper compares UNets and transformers; here "
+             "UNet_S against MicroDiT_S, about the same parameters, at equal FLOPs",
              [("MicroDiT_S, 75% masking", "deferred75"), ("MicroDiT_S, no masking", "nomask"), ("UNet_S", "unet")]),
     "compute": ("Quality follows a power law of training compute, S = 0.47 C^0.02 (scaling paper, TIFA, C in GFLOPs)",
                 [("C/4", "quarter"), ("C/2", "half"), ("C", "deferred75")]),
