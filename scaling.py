@@ -17,6 +17,7 @@ ablations in miniature, every run at the same training FLOPs, tabled as mean +- 
     python scaling.py ablate [--out results/ablations.jsonl] [--tables masking,moe] [--jobs 2] [--report]
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -412,8 +413,12 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         if code:
             raise RuntimeError(f"ablate: run {name} failed (exit {code}); its output: {run_dir}/stdout.txt")
-        with open(os.path.join(run_dir, "log.jsonl")) as f:
-            final = [x for x in map(json.loads, f) if x.get("final")][-1]
+        log_path = os.path.join(run_dir, "log.jsonl")
+        with open(log_path) if os.path.exists(log_path) else contextlib.nullcontext([]) as f:
+            finals = [x for x in map(json.loads, f) if x.get("final")]
+        if not finals:  # stopped by a signal: train.py checkpointed, and --resume=auto continues it next time
+            raise RuntimeError(f"ablate: run {name} stopped before its end; run the same command to resume it")
+        final = finals[-1]
         accs = [final["acc_shape"], final["acc_colour"], final["acc_position"]]
         row = dict(run=name, **r, final_loss=final["val_loss"], acc_shape=accs[0], acc_colour=accs[1],
                    acc_position=accs[2], acc_mean=sum(accs) / 3, wall_s=round(time.time() - t0, 1))
@@ -424,8 +429,13 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2
                   f"{row['acc_mean']:.3f}, {row['wall_s']:.0f}s", flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for future in [pool.submit(run, k, r) for k, r in todo.items()]:
-            future.result()  # the first failure stops here, with its message; finished runs stay in out_path
+        futures = [pool.submit(run, k, r) for k, r in todo.items()]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # the first failure (or Ctrl-C): no new runs start; finished ones stay in out_path
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def load_ablations(path):
@@ -630,9 +640,11 @@ def main(argv=None):
         tables = [t for t in args.tables.split(",") if t]
         try:
             if not args.report:
-                seeds = [int(x) for x in args.seeds.split(",") if x]
-                if len(seeds) < 1 or args.jobs < 1 or args.base_steps < 1:
-                    p.error("ablate: need at least one seed, --jobs >= 1 and --base-steps >= 1")
+                if not all(x.strip().isdigit() for x in args.seeds.split(",")):
+                    p.error(f"ablate: --seeds must be comma-separated integers, got {args.seeds!r}")
+                seeds = [int(x) for x in args.seeds.split(",")]
+                if args.jobs < 1 or args.base_steps < 1:
+                    p.error("ablate: need --jobs >= 1 and --base-steps >= 1")
                 ablate(args.out, tables, seeds, args.jobs, args.base_steps, run_root=args.run_root,
                        data_root=args.data_root, dataset_size=args.dataset_size, train_args=args.train_args.split())
             print(ablation_tables(load_ablations(args.out), tables))

@@ -161,6 +161,8 @@ def load_config(argv):
                 setattr(cfg, key, value)
     if cfg.unmasked_steps < 0:
         raise ValueError(f"--unmasked_steps must be >= 0, got {cfg.unmasked_steps}")
+    if not 0 <= cfg.text_context < 1:
+        raise ValueError(f"--text_context must be in [0, 1), got {cfg.text_context}")
     if cfg.model_args:  # checked now, so a typo is a one-line error before any work
         from model import get_config
         model_overrides(cfg.model_args, get_config(cfg.model))

@@ -30,6 +30,7 @@ def test_overrides_are_typed():
     (["--max_steps=three"], "--max_steps: expected int, got 'three'"),
     (["--compile=maybe"], "--compile: expected true or false"),
     (["--lr"], "--lr: give a value"),
+    (["--text_context=1.5"], r"--text_context must be in \[0, 1\)"),
 ])
 def test_bad_overrides_name_the_key(argv, message):
     with pytest.raises(ValueError, match=message):
