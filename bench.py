@@ -16,7 +16,12 @@ import time
 
 import torch
 
-from model import MicroDiTConfig, build_model, edm_loss, flops_per_image, param_count
+import data
+from diffusion import Denoiser, edm_loss, sample_sigma
+from fid import InceptionV3
+from model import MicroDiTConfig, build_model, flops_per_image, param_count
+from sample import edm_sampler
+from train import measure_peak_flops
 
 # A CPU-sized MicroDiT whose backbone dominates, as MicroDiT_XL_2 does: patch 2 on 32x32 latents (256 tokens, as at
 # 256px), a thin one-block mixer, 8 backbone blocks with the released layer-wise scaling and MoE.
@@ -67,10 +72,12 @@ def bench_model(seed=0):
 def train_step(net, x, y, mask_ratio, bf16=False):
     """One training step as train.py takes it: EDM loss (bf16 autocast or not), backward, AdamW."""
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
+    D = Denoiser(net)
 
     def step():
+        sigma, noise = sample_sigma(len(x), -0.6, 1.2), torch.randn_like(x)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = edm_loss(net, x, y, mask_ratio)
+            loss = edm_loss(D, x, y, sigma, noise, mask_ratio)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -102,7 +109,6 @@ def steps():
 
 def peaks():
     """Measured matmul FLOP/s of this machine in fp32 and bf16 (train.measure_peak_flops: MFU's denominator)."""
-    from train import measure_peak_flops
     if not _peaks:
         _peaks.update({dt: measure_peak_flops(torch.device("cpu"), dt) for dt in (torch.float32, torch.bfloat16)})
     return _peaks
@@ -155,7 +161,6 @@ def bench_mfu():
 
 def bench_data():
     """Data-loader throughput (ShardStream + DataLoader, records of the bench shape) vs a training step's need."""
-    import data
     with tempfile.TemporaryDirectory() as root:
         with data.ShardWriter(root, shard_size=512, meta={"what": "bench"}) as writer:
             for i in range(4096):
@@ -175,19 +180,17 @@ def bench_data():
 
 def bench_sampler():
     """Images/s of the EDM Heun sampler (30 steps, guidance 5: 59 network evaluations on 2x the batch)."""
-    from sample import edm_sampler
     net, _, _ = bench_model()
-    net.eval()
+    D = Denoiser(net.eval())
     n = 2
     y = torch.randn(n, CAPTION_LEN, BENCH.caption_dim)
-    edm_sampler(net, y, range(n), steps=2)  # warm-up
-    dt = timed(lambda: edm_sampler(net, y, range(n), steps=30, guidance=5.0), warmup=0, iters=1)
+    edm_sampler(D, y, range(n), steps=2)  # warm-up
+    dt = timed(lambda: edm_sampler(D, y, range(n), steps=30, guidance=5.0), warmup=0, iters=1)
     return f"sampler: {n / dt:.3f} images/s ({dt / n:.1f} s/image), bench MicroDiT, 30 Heun steps, guidance 5"
 
 
 def bench_fid():
     """Images/s of FID feature extraction: the InceptionV3 forward on 299x299 images, on CPU."""
-    from fid import InceptionV3
     torch.manual_seed(0)
     net = InceptionV3().eval()  # random weights: same speed as the released ones, which cannot be downloaded here
     batch = 8

@@ -12,7 +12,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from checkpoint import atomic_write, hub_file, load_state_dict, read_weights
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch.hub naming: name-<sha256 prefix>.pth
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
@@ -250,10 +251,11 @@ def check_hash(path, name=None):
 def fetch_weights(weights=None, repo_id=None, cache_dir=None):
     """Local path of the weights: a file, a URL (default: the release) cached in cache_dir, or a file of a Hub repo."""
     if repo_id is not None:  # `weights` is then the file name inside the repo
-        from huggingface_hub import hf_hub_download
-        path = Path(hf_hub_download(repo_id, weights or FID_WEIGHTS_NAME, cache_dir=cache_dir))
+        path = hub_file(repo_id, weights or FID_WEIGHTS_NAME)
+        if path is None:
+            raise FileNotFoundError(f"{repo_id}: no {weights or FID_WEIGHTS_NAME} in this Hub repo")
         check_hash(path)
-        return path
+        return Path(path)
     weights = str(weights or FID_WEIGHTS_URL)
     if "://" not in weights:
         path = Path(weights)
@@ -267,47 +269,28 @@ def fetch_weights(weights=None, repo_id=None, cache_dir=None):
         check_hash(path)
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")  # a partial download never takes the final name
     try:
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(weights) as r:
+        with atomic_write(path) as tmp:  # a partial download never takes the final name
+            with open(tmp, "wb") as f, urllib.request.urlopen(weights) as r:
                 size = int(r.headers.get("Content-Length") or 0) or None
                 with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
                     for chunk in iter(lambda: r.read(1 << 20), b""):
                         f.write(chunk)
                         bar.update(len(chunk))
-        except urllib.error.URLError as e:
-            raise ConnectionError(f"cannot download {weights} ({e.reason}); fetch it by hand and pass "
-                                  f"--weights PATH, or put it in {cache_dir}") from e
-        check_hash(tmp, path.name)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            check_hash(tmp, path.name)
+    except OSError as e:
+        if not isinstance(e.__cause__, urllib.error.URLError):
+            raise
+        raise ConnectionError(f"cannot download {weights} ({e.__cause__.reason}); fetch it by hand and pass "
+                              f"--weights PATH, or put it in {cache_dir}") from None
     return path
 
 
-def load_state_dict(net, state_dict, where="state dict"):
-    """Load the released FID weights into `net` (with or without BN `num_batches_tracked`), keys checked first."""
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}  # unused BN counters
-    ref = net.state_dict()
-    missing, unexpected = sorted(ref.keys() - sd.keys()), sorted(sd.keys() - ref.keys())
-    bad = sorted(k for k in ref.keys() & sd.keys() if tuple(sd[k].shape) != tuple(ref[k].shape))
-    if missing or unexpected or bad:
-        raise ValueError(f"{where}: not the FID Inception state dict: {len(missing)} keys missing {missing[:3]}, "
-                         f"{len(unexpected)} unexpected {unexpected[:3]}, {len(bad)} of wrong shape {bad[:3]}")
-    net.load_state_dict(sd)
-    return net
-
-
 def load_inception(weights=None, repo_id=None, cache_dir=None, device="cpu"):
-    """The FID InceptionV3 with the released weights (see fetch_weights), frozen, in eval mode on `device`."""
+    """The FID InceptionV3 with the released weights (see fetch_weights), frozen, in eval mode on `device`.
+    The file may hold BatchNorm's num_batches_tracked counters, which FID does not use."""
     path = fetch_weights(weights, repo_id, cache_dir)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = {k: v for k, v in read_weights(path).items() if not k.endswith("num_batches_tracked")}
     return load_state_dict(InceptionV3(), sd, path).to(device).eval().requires_grad_(False)
 
 
@@ -426,10 +409,8 @@ def save_stats(path, mu, sigma):
     if path.suffix != ".npz":
         raise ValueError(f"statistics file must end in .npz: {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append its own .npz
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object, so numpy does not append its own .npz
         np.savez(f, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
 
 
 def load_stats(path):
@@ -483,9 +464,8 @@ def coco_captions_main(argv):
     args = p.parse_args(argv)
     captions = coco_captions(args.annotations, args.num, args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out + ".tmp")
-    tmp.write_text("\n".join(captions) + "\n")
-    os.replace(tmp, args.out)
+    with atomic_write(args.out) as tmp:
+        Path(tmp).write_text("\n".join(captions) + "\n")
     print(f"wrote {len(captions)} captions to {args.out}")
 
 

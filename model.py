@@ -1,24 +1,24 @@
 """
-MicroDiT of "Stretching Each Dollar: Diffusion Training from Scratch on a Micro-Budget"
-(Sehwag et al. 2024) in plain PyTorch, and the EDM preconditioning and loss it is trained with
-(Karras et al. 2022). The released checkpoints (VSehwag24/MicroDiT) load into `MicroDiT` with
-strict=True: module names follow the official state-dict layout.
+The denoiser networks, in plain PyTorch: MicroDiT of "Stretching Each Dollar: Diffusion Training from Scratch
+on a Micro-Budget" (Sehwag et al. 2024), a sparse DiT with a patch-mixer, deferred masking, expert-choice MoE
+and layer-wise scaling, and the UNet family of "On the Scalability of Diffusion-based Text-to-Image
+Generation" (Li et al. 2024). The released MicroDiT checkpoints (VSehwag24/MicroDiT) load into `MicroDiT`
+with strict=True: module names follow the official state-dict layout. Every model size is a preset of
+PRESETS; flops_per_image counts what one image costs.
 
-Every denoiser network here has the same interface:
+Every network here is the raw network F of EDM (diffusion.py wraps it in the preconditioning):
     net(x, c_noise, y, mask_ratio=0.0) -> (out, mask)
 x (B, C, H, W) latents already scaled by c_in, c_noise (B,) = ln(sigma)/4, y (B, L, Dy) caption
 token features; mask (B, T) is 1 for patches dropped by masking, or None.
 """
-import json
 import math
-import os
-import shutil
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+import typing
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -793,70 +793,6 @@ UNET_PRESETS = {
                             pooled_caption=True, latent_size=8),
 }
 
-# Paper B Table 1: name -> (params in B, GMACs at 256px, attention GMACs), printed beside our counts.
-PAPER_B_TABLE1 = {
-    "UNet_SD2_C320": (0.87, 86, 34), "UNet_SD2_C512": (2.19, 219, 85),
-    "UNet_IF_XL_C512": (2.04, 194, 23), "UNet_IF_XL_C704": (3.83, 364, 42),
-    "UNet_SDXL_C128": (0.42, 35, 23), "UNet_SDXL_C192": (0.90, 75, 48),
-    "UNet_SDXL_C320": (2.39, 198, 127), "UNet_SDXL_C384": (3.40, 282, 179),
-    "UNet_TD2": (0.85, 98, 43), "UNet_TD4": (1.24, 123, 64), "UNet_TD12": (2.78, 223, 147),
-    "UNet_TD14": (3.16, 248, 168), "UNet_TD4_4": (1.32, 143, 84), "UNet_TD4_8": (2.09, 193, 123),
-    "UNet_TD4_12": (2.86, 243, 167), "UNet_C384_TD4_12": (4.07, 346, 237),
-}
-
-
-def unet_macs(cfg, latent_size=None, num_tokens=77):
-    """Forward multiply-accumulates of one image, by FlopCounterMode on the meta device (FLOPs = 2 * MACs).
-
-    total: every op. sdpa: the QK^T and softmax(.)V matmuls (SDPA runs them as bmm on the meta
-    device). attn: conv/linear MACs inside the down- and up-path transformer (IF: attention)
-    blocks; mid_attn: the same inside the middle block. Paper B's Table 1 matches
-    GMACs = total - sdpa and attn GMACs = attn (README "UNet family"): its counter saw only
-    conv and linear layers, and its attention column leaves out the middle block.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    s = latent_size or cfg.latent_size
-    with torch.device("meta"):
-        net = UNet(cfg)
-        x = torch.zeros(1, cfg.latent_channels, s, s)
-        c_noise, y = torch.zeros(1), torch.zeros(1, num_tokens, cfg.caption_dim)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(x, c_noise, y)
-    counts = counter.get_flop_counts()  # {"UNet.down.1.attn.0": {op: flops}, ..., "Global": {...}}
-    sdpa = sum(v for op, v in counts["Global"].items() if "bmm" in str(op))
-    attn = mid_attn = 0
-    for name, m in net.named_modules():
-        if isinstance(m, (SpatialTransformer, IFAttention)):
-            linear = sum(v for op, v in counts[f"UNet.{name}"].items() if "bmm" not in str(op))
-            if name.startswith("mid."):
-                mid_attn += linear
-            else:
-                attn += linear
-    return {"total": counter.get_total_flops() / 2, "sdpa": sdpa / 2, "attn": attn / 2, "mid_attn": mid_attn / 2}
-
-
-def print_unet_table(latent_size=32):
-    """Print params, GMACs and attention GMACs of the 16 Table-1 presets beside Paper B's figures."""
-    print(f"UNet presets at a {latent_size}x{latent_size} latent (256px), MACs by FlopCounterMode on the meta device.")
-    print("GMACs: all ops; -sdpa: without the QK^T / softmax(.)V matmuls; attn: conv/linear MACs in the")
-    print("down/up transformer blocks (the reading that fits Paper B); +mid: with the middle block's. [paper]")
-    print(f"{'preset':17s} | {'params B [paper]':>20s} | {'GMACs [paper]':>19s} | {'-sdpa':>6s} | "
-          f"{'attn [paper]':>12s} {'share [paper]':>15s} | {'+mid':>6s}")
-    for name, (p_ref, g_ref, a_ref) in PAPER_B_TABLE1.items():
-        cfg = UNET_PRESETS[name]
-        n = param_count(cfg) / 1e9
-        m = {k: v / 1e9 for k, v in unet_macs(cfg, latent_size).items()}
-        lin = m["total"] - m["sdpa"]
-        print(f"{name:17s} | {n:6.3f} [{p_ref:4.2f}] {n / p_ref - 1:+5.1%} | "
-              f"{m['total']:6.1f} [{g_ref:3d}] {m['total'] / g_ref - 1:+5.1%} | "
-              f"{lin:6.1f} | {m['attn']:6.1f} [{a_ref:3d}] {m['attn'] / lin:6.1%} [{a_ref / g_ref:5.1%}] | "
-              f"{m['attn'] + m['mid_attn']:6.1f}")
-    a, b = param_count(UNET_PRESETS["UNet_TD4_4"]), param_count(UNET_PRESETS["UNet_SDXL_C320"])
-    ma, mb = unet_macs(UNET_PRESETS["UNet_TD4_4"], latent_size), unet_macs(UNET_PRESETS["UNet_SDXL_C320"], latent_size)
-    print(f"TD4_4 vs SDXL C320: {1 - a / b:.1%} fewer params, {1 - ma['total'] / mb['total']:.1%} fewer MACs "
-          f"({1 - (ma['total'] - ma['sdpa']) / (mb['total'] - mb['sdpa']):.1%} without sdpa) [paper: 45%, 28%]")
-
-
 # -----------------------------------------------------------------------------
 # building, by preset name or config
 
@@ -865,6 +801,40 @@ def get_config(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+def parse_value(key, text, typ):
+    """'--key=value' text -> a value of type typ (bool, int, float, str, Optional[...]), or an error naming key."""
+    if typing.get_origin(typ) is typing.Union:  # Optional[X]
+        if text.lower() == "none":
+            return None
+        typ = [t for t in typing.get_args(typ) if t is not type(None)][0]
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}: expected true or false, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"--{key}: expected {typ.__name__}, got {text!r}") from None
+
+
+def parse_overrides(text, cfg):
+    """'field=value,...' -> {field: value} typed like cfg's own fields; a tuple field's values are joined by ':'
+    ("mixer_depth=0,mlp_ratio=2.5:2.5"). train.py's --model_args."""
+    known, out = {f.name: getattr(cfg, f.name) for f in fields(cfg)}, {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if key not in known or not sep:
+            raise ValueError(f"--model_args: {item!r} is not FIELD=VALUE with FIELD one of: {', '.join(known)}")
+        old = known[key]
+        if isinstance(old, tuple):
+            out[key] = tuple(parse_value(f"model_args {key}", v, type(old[0])) for v in value.split(":"))
+        else:
+            out[key] = parse_value(f"model_args {key}", value, type(old))
+    return out
 
 
 PRESETS.update(UNET_PRESETS)  # one dict of every model preset
@@ -904,225 +874,11 @@ def param_count(cfg):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: a folder with config.json and safetensors weights, written atomically
-
-
-@contextmanager
-def atomic_dir(folder):
-    """Yield a temporary folder that becomes `folder` only when the block completes: a crash or Ctrl-C
-    in between leaves at most a *.tmp folder behind, never a half-written checkpoint."""
-    tmp = folder.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    yield tmp
-    if os.path.exists(folder):  # replace an older checkpoint of the same name
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
-def save_pretrained(folder, net, ema=None, extra=None):
-    """Write config.json and model.safetensors (and ema.safetensors) into an existing folder."""
-    from safetensors.torch import save_file
-    cfg = net.cfg
-    config = {"model_type": model_type(cfg), "model": asdict(cfg), **(extra or {})}
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(model_card(config))
-    for name, module in (("model", net), ("ema", ema)):
-        if module is not None:
-            sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            save_file(sd, os.path.join(folder, f"{name}.safetensors"))
-
-
-def load_pretrained(folder, ema=True, device="cpu", official_preset="MicroDiT_XL_2"):
-    """(net, config dict) from a checkpoint folder; EMA weights when present and asked for. A released
-    MicroDiT .pt file goes through load_official, built as official_preset."""
-    from safetensors.torch import load_file
-    if os.path.isfile(folder) and folder.endswith((".pt", ".pth", ".bin")):
-        return load_official(folder, official_preset, device)
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json)")
-    with open(path) as f:
-        config = json.load(f)
-    net = build_model(config_from_dict(config.get("model_type"), config.get("model", {}), where=path))
-    name = "ema" if ema and os.path.isfile(os.path.join(folder, "ema.safetensors")) else "model"
-    load_weights(net, load_file(os.path.join(folder, f"{name}.safetensors")), where=os.path.join(folder, f"{name}.safetensors"))
-    return net.to(device).eval(), config
-
-
-def load_weights(net, sd, where):
-    """load_state_dict(strict=True), but first name every missing, unexpected or mis-shaped key."""
-    ours = net.state_dict()
-    missing = sorted(set(ours) - set(sd))
-    unexpected = sorted(set(sd) - set(ours))
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}" for k in ours
-              if k in sd and sd[k].shape != ours[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{where}: weights do not fit the model: missing {missing[:8]}, unexpected "
-                         f"{unexpected[:8]}, shape mismatches {shapes[:8]}"
-                         f" ({len(missing)}/{len(unexpected)}/{len(shapes)} in all)")
-    net.load_state_dict(sd, strict=True)
-
-
-# -----------------------------------------------------------------------------
-# the Hugging Face Hub: our checkpoints as Hub repos, and the released MicroDiT weights
-
-CHECKPOINT_FILES = ["config.json", "model.safetensors", "ema.safetensors", "README.md"]  # what a Hub repo holds
-# The frozen encoders of the released MicroDiT (SPEC A5): DFN5B CLIP text tower; SDXL VAE, or the 16-channel one.
-OFFICIAL_TEXT_ENCODER = {"type": "clip", "repo": "apple/DFN5B-CLIP-ViT-H-14-378", "subfolder": None}
-OFFICIAL_VAES = {4: {"type": "vae", "repo": "stabilityai/stable-diffusion-xl-base-1.0", "subfolder": "vae"},
-                 16: {"type": "vae", "repo": "ostris/vae-kl-f8-d16", "subfolder": None}}
-
-
-def resolve_checkpoint(ref):
-    """A local path for a checkpoint reference: a checkpoint folder or file; a training output folder (its newest
-    ckpt-*); a Hub repo id 'user/name' (snapshot, cached); or a file in a Hub repo 'user/name/path/file.pt'."""
-    if os.path.isfile(ref) or os.path.isfile(os.path.join(ref, "config.json")):
-        return ref
-    if os.path.isdir(ref):
-        done = sorted(d for d in os.listdir(ref) if d.startswith("ckpt-") and not d.endswith(".tmp")
-                      and os.path.isfile(os.path.join(ref, d, "config.json")))
-        if done:
-            return os.path.join(ref, done[-1])
-        raise FileNotFoundError(f"{ref}: no checkpoint in this folder (no config.json, no complete ckpt-* folder)")
-    parts = ref.strip("/").split("/")
-    if len(parts) < 2 or ref.startswith((".", "/")) or os.path.isdir(parts[0]):  # a local path that is not there
-        raise FileNotFoundError(f"no checkpoint at {ref!r}: not a local path, and not a Hub repo id 'user/name'")
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-    repo = "/".join(parts[:2])
-    try:
-        if len(parts) == 2:
-            path = snapshot_download(repo, allow_patterns=CHECKPOINT_FILES)
-            if not os.path.isfile(os.path.join(path, "config.json")):
-                raise FileNotFoundError(f"Hub repo {repo} has no config.json: not a checkpoint of this project")
-            return path
-        return hf_hub_download(repo, "/".join(parts[2:]))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        hint = " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if offline else ""
-        raise FileNotFoundError(f"cannot fetch {ref!r} from the Hub: {type(e).__name__}{hint}") from None
-
-
-def load_official(path, preset="MicroDiT_XL_2", device="cpu"):
-    """(net, config) from a released MicroDiT .pt: a plain state dict of tensors, read with weights_only=True
-    (which refuses arbitrary pickled objects). Latent channels and size come from the tensors' shapes."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only's refusal of a non-tensor object lands here
-        raise ValueError(f"{path}: not a plain tensor state dict (refused by torch.load(weights_only=True): "
-                         f"{str(e).splitlines()[0]})") from None
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)] if isinstance(sd, dict) else ["<not a dict>"]
-    if bad:
-        raise ValueError(f"{path}: not a plain tensor state dict; non-tensor entries: {bad[:5]}")
-    if "x_embedder.proj.weight" not in sd or "pos_embed" not in sd:
-        raise ValueError(f"{path}: not a MicroDiT state dict (no x_embedder.proj.weight / pos_embed)")
-    C, p = sd["x_embedder.proj.weight"].shape[1], sd["x_embedder.proj.weight"].shape[2]
-    size = math.isqrt(sd["pos_embed"].shape[1]) * p
-    # the 512px release keeps the 256px position range: interp scale = latent size / the preset's (SPEC A2)
-    cfg = get_config(preset, latent_channels=C, latent_size=size,
-                     pos_interp_scale=size / PRESETS[preset].latent_size)
-    net = build_model(cfg)
-    load_weights(net, sd, path)
-    vae = OFFICIAL_VAES.get(C, {"type": "vae", "repo": None})
-    config = {"model_type": "MicroDiT", "model": asdict(cfg), "text_encoder": OFFICIAL_TEXT_ENCODER, "latents": vae}
-    return net.to(device).eval(), config
-
-
-def model_card(config):
-    """README.md of a checkpoint: what it is, how to sample from it, its config and measured results."""
-    m, results = config["model"], config.get("results", {})
-    lines = ["---", "tags: [text-to-image, diffusion, microdit]", "---",
-             f"# {config['model_type']} ({config.get('train', {}).get('model', 'custom config')})", "",
-             "A text-to-image diffusion model trained with the minimal MicroDiT codebase (EDM objective).", "",
-             "```bash", "python sample.py --ckpt <this repo id> --prompt \"a red circle on the left\"", "```", "",
-             f"Text encoder: `{json.dumps(config.get('text_encoder'))}`; latents: `{json.dumps(config.get('latents'))}`", "",
-             "| config | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in m.items()]
-    if results:
-        lines += ["", "| measured | value |", "|---|---|"] + [
-            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
-    return "\n".join(lines) + "\n"
-
-
-def add_results(folder, results):
-    """Record measured results in a checkpoint's config.json and model card (each file replaced atomically)."""
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    config["results"] = results
-    for name, text in (("config.json", json.dumps(config, indent=2)), ("README.md", model_card(config))):
-        with open(os.path.join(folder, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-
-
-def push_to_hub(folder, repo_id, private=False):
-    """Upload a checkpoint folder's weights, config and model card (not the optimizer state) to a Hub repo."""
-    from huggingface_hub import HfApi
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True, private=private)
-    return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=CHECKPOINT_FILES,
-                             commit_message=f"upload {os.path.basename(folder.rstrip('/'))}")
-
-
-# -----------------------------------------------------------------------------
-# EDM (Karras et al. 2022): preconditioning, training noise, loss
-
-
-def edm_precond(net, x, sigma, y, mask_ratio=0.0, sigma_data=0.9):
-    """The denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM, Table 1). Returns (D_x, mask)."""
-    sigma = sigma.reshape(-1, 1, 1, 1).to(torch.float32)
-    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
-    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
-    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
-    c_noise = sigma.log().flatten() / 4
-    F_x, mask = net((c_in * x).to(torch.float32), c_noise, y, mask_ratio)
-    return c_skip * x + c_out * F_x.to(torch.float32), mask
-
-
-def sample_sigma(n, P_mean, P_std, device=None, generator=None):
-    """Training noise levels: ln(sigma) ~ N(P_mean, P_std^2)."""
-    return (torch.randn(n, device=device, generator=generator) * P_std + P_mean).exp()
-
-
-def drop_captions(y, p, generator=None):
-    """Classifier-free guidance training: replace each sample's caption features by zeros with probability p."""
-    keep = torch.rand(y.shape[0], device=y.device, generator=generator) >= p
-    return y * keep.reshape(-1, 1, 1).to(y.dtype)
-
-
-def edm_loss(net, x, y, mask_ratio=0.0, P_mean=-0.6, P_std=1.2, sigma_data=0.9, sigma=None, noise=None):
-    """EDM training loss of one batch: weight(sigma) * |D(x + n; sigma) - x|^2 (EDM, Eq. 8). sigma (B,) and
-    noise (B, C, H, W) are drawn here unless given (train.py draws them per global batch)."""
-    if sigma is None:
-        sigma = sample_sigma(x.shape[0], P_mean, P_std, device=x.device)
-    noise = torch.randn_like(x) if noise is None else noise
-    sigma = sigma.reshape(-1, 1, 1, 1)
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    D_x, mask = edm_precond(net, x + noise * sigma, sigma, y, mask_ratio, sigma_data)
-    cfg = getattr(net, "module", net).cfg  # through a DDP wrapper too
-    return masked_mse(weight * (D_x - x) ** 2, mask, getattr(cfg, "patch_size", 1))
-
-
-def masked_mse(err, mask, patch_size):
-    """Mean of a (B, C, H, W) error over channels, then per patch over the kept patches only: a dropped
-    patch gets no loss (there is no decoder to reconstruct it), then the mean over the batch."""
-    err = err.mean(dim=1)  # (B, H, W)
-    if mask is None:
-        return err.mean()
-    err = F.avg_pool2d(err.unsqueeze(1), patch_size).flatten(1)  # (B, T), in the tokens' row-major order
-    keep = 1 - mask
-    return ((err * keep).sum(dim=1) / keep.sum(dim=1)).mean()
-
-
-# -----------------------------------------------------------------------------
 # FLOPs, counted by PyTorch itself on the meta device (no memory, no compute)
 
 
 def flops_per_image(cfg, mask_ratio=0.0, train=True, caption_len=77):
     """FLOPs of one image through the network (forward, or forward + backward when train)."""
-    from torch.utils.flop_counter import FlopCounterMode
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     with torch.device("meta"):
         net = build_model(cfg)
@@ -1137,11 +893,9 @@ def flops_per_image(cfg, mask_ratio=0.0, train=True, caption_len=77):
 
 
 if __name__ == "__main__":
-    # parameter counts and FLOPs of the MicroDiT presets, then the UNets beside Paper B's Table 1
+    # parameter counts and FLOPs of the MicroDiT presets (the UNets beside Paper B's Table 1: scaling.py unets)
     for name, cfg in PRESETS.items():
         if isinstance(cfg, MicroDiTConfig):
             f0, f75 = flops_per_image(cfg, 0.0), flops_per_image(cfg, 0.75)
             print(f"{name:16s} params {param_count(cfg):>15,d}   train GFLOPs/image: mask 0 {f0 / 1e9:9.2f}, "
                   f"mask 0.75 {f75 / 1e9:9.2f}")
-    print()
-    print_unet_table()

@@ -16,13 +16,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model import edm_precond
+from checkpoint import load_pretrained, resolve_checkpoint
+from encoders import PIXELS, latents_to_images, load_encoders
 
 
 @torch.no_grad()
-def edm_sampler(net, y, seeds, steps=30, guidance=5.0, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.9):
-    """Draw one latent per (caption features, seed). y (B, L, Dy) -> latents (B, C, H, W) in float32."""
-    cfg, device = net.cfg, y.device
+def edm_sampler(D, y, seeds, steps=30, guidance=5.0, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """Draw one latent per (caption features, seed) with the denoiser D (diffusion.Denoiser).
+    y (B, L, Dy) -> latents (B, C, H, W) in float32."""
+    cfg, device = D.net.cfg, y.device
     shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     # the initial noise of each image comes from its own generator: batch-size independent
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
@@ -36,10 +38,9 @@ def edm_sampler(net, y, seeds, steps=30, guidance=5.0, sigma_min=0.002, sigma_ma
         # conditional and unconditional (all-zero caption) passes in one batch; guidance on the output
         s = torch.full((x.shape[0],), float(sigma), device=device)
         if guidance == 1.0:
-            return edm_precond(net, x.float(), s, y, sigma_data=sigma_data)[0].double()
-        D, _ = edm_precond(net, torch.cat([x, x]).float(), torch.cat([s, s]), torch.cat([y, torch.zeros_like(y)]),
-                           sigma_data=sigma_data)
-        cond, uncond = D.double().chunk(2)
+            return D(x.float(), s, y)[0].double()
+        D_x, _ = D(torch.cat([x, x]).float(), torch.cat([s, s]), torch.cat([y, torch.zeros_like(y)]))
+        cond, uncond = D_x.double().chunk(2)
         return uncond + guidance * (cond - uncond)
 
     x = noise * t[0]  # the ODE state stays in float64 (SPEC A3)
@@ -53,12 +54,6 @@ def edm_sampler(net, y, seeds, steps=30, guidance=5.0, sigma_min=0.002, sigma_ma
     return x.float()
 
 
-def load_encoders(config, device="cpu"):
-    """The frozen text encoder and VAE (None for pixel-space data) named by a checkpoint's config."""
-    from data import PIXELS, text_encoder_from_spec, vae_from_spec
-    return text_encoder_from_spec(config["text_encoder"], device), vae_from_spec(config.get("latents", PIXELS), device)
-
-
 def image_grid(images, cols=None):
     """Tile uint8 (H, W, 3) images into one PIL image."""
     cols = cols or math.ceil(math.sqrt(len(images)))
@@ -70,20 +65,19 @@ def image_grid(images, cols=None):
     return Image.fromarray(grid)
 
 
-def generate(net, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, progress=True, encoders=None):
-    """Images (uint8 arrays) for a list of prompts, the i-th with seed + i. encoders: (text encoder, VAE)
-    from load_encoders, to load them once for many calls."""
-    from data import PIXELS, latents_to_images
+def generate(D, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, progress=True, encoders=None):
+    """Images (uint8 arrays) for a list of prompts, the i-th with seed + i, from the denoiser D. encoders:
+    (text encoder, VAE) from encoders.load_encoders, to load them once for many calls."""
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"prompt {i} is empty")
-    device = next(net.parameters()).device
+    device = next(D.parameters()).device
     encode, vae = encoders or load_encoders(config, device)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
         chunk = prompts[start:start + batch_size]
         y = encode(chunk).to(device)
-        x = edm_sampler(net, y, range(seed + start, seed + start + len(chunk)), steps, guidance)
+        x = edm_sampler(D, y, range(seed + start, seed + start + len(chunk)), steps, guidance)
         images += latents_to_images(x, config.get("latents", PIXELS), vae)
     return images
 
@@ -107,12 +101,11 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
-    from model import load_pretrained, resolve_checkpoint
     try:
         ckpt = resolve_checkpoint(args.ckpt)
     except FileNotFoundError as e:
         ap.error(f"{e}; train one with `python train.py`, or give a Hub repo id")
-    net, config = load_pretrained(ckpt, ema=not args.no_ema, device=args.device, official_preset=args.official_preset)
+    D, config = load_pretrained(ckpt, ema=not args.no_ema, device=args.device, official_preset=args.official_preset)
     for key, repo in (("text_encoder", args.text_encoder), ("latents", args.vae)):
         if repo:  # e.g. a local copy of the encoders on a machine without network
             config[key] = {**config[key], "repo": os.path.abspath(repo) if os.path.isdir(repo) else repo}
@@ -126,7 +119,7 @@ def main(argv=None):
             ap.error("give --prompt or --prompts-file")
     prompts = [p for p in prompts for _ in range(args.n)]
     try:
-        images = generate(net, config, prompts, args.seed, args.steps, args.guidance, args.batch_size)
+        images = generate(D, config, prompts, args.seed, args.steps, args.guidance, args.batch_size)
     except ValueError as e:  # an empty prompt, a caption the text encoder cannot read
         ap.error(str(e))
     os.makedirs(args.out, exist_ok=True)

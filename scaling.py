@@ -12,24 +12,30 @@ Sweep: a grid of small train.py runs on the built-in dataset, fitted and plotted
 ablations in miniature, every run at the same training FLOPs, tabled as mean +- spread over seeds.
 
     python scaling.py cost [--preset MicroDiT_XL_2] [--gpu-peak 989.4] [--mfu 0.4] [--price 3.75]
+    python scaling.py unets
     python scaling.py sweep [--out results.jsonl]
     python scaling.py fit results.jsonl [--plot scaling.png]
     python scaling.py ablate [--out results/ablations.jsonl] [--tables masking,moe] [--jobs 2] [--report]
 """
 import argparse
-import contextlib
+import concurrent.futures
 import itertools
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from model import PRESETS, build_model, flops_per_image, get_config, num_params
+import data
+from checkpoint import atomic_write
+from model import (PRESETS, UNET_PRESETS, IFAttention, SpatialTransformer, UNet, flops_per_image, get_config,
+                   param_count, parse_overrides)
 
 # -----------------------------------------------------------------------------
 # compute and cost
@@ -52,12 +58,6 @@ RECIPE = [    # (stage, resolution in pixels, mask ratio, steps): SPEC A4
 def stage_config(cfg, res):
     """The config at a training resolution: SDXL VAE latents are res/8; 512px keeps 256px's position range."""
     return replace(cfg, latent_size=res // 8, pos_interp_scale=res / 256)
-
-
-def train_flops(cfg, images, mask_ratio=0.0):
-    """Training FLOPs (forward + backward) of `images` images through the network at cfg's latent size."""
-    # Latents and caption features are precomputed (SPEC A4), so the VAE and text encoder cost nothing here.
-    return flops_per_image(cfg, mask_ratio, train=True) * images
 
 
 def recipe_stages(preset="MicroDiT_XL_2", batch=BATCH, recipe=RECIPE):
@@ -85,14 +85,6 @@ def implied_mfu(flops, days=PAPER_DAYS, gpus=PAPER_GPUS, gpu_peak=H100_BF16_PEAK
     return flops / (days * 86400 * gpus * gpu_peak)
 
 
-def run_cost(cfg, steps, batch_size, mask_ratio=0.0, gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU,
-             price=PRICE_PER_GPU_HOUR):
-    """Estimate for one training run (train.py prints it at start): {'flops', 'gpu_hours', 'dollars'}."""
-    flops = train_flops(cfg, steps * batch_size, mask_ratio)
-    hours = gpu_hours(flops, gpu_peak, mfu)
-    return dict(flops=flops, gpu_hours=hours, dollars=dollars(hours, price))
-
-
 def print_cost(preset="MicroDiT_XL_2", gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU, price=PRICE_PER_GPU_HOUR):
     """The recipe's cost table, stage by stage, and the MFU the paper's figures imply."""
     stages = recipe_stages(preset)
@@ -113,6 +105,72 @@ def print_cost(preset="MicroDiT_XL_2", gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU,
           f"{gpu_peak / 1e12:.1f} TFLOP/s) = {m:.1%}")
     print(f"at that MFU: {hours:.0f} GPU-hours, ${dollars(hours, price):,.0f} (the paper: ${PAPER_DOLLARS:,})")
     return stages
+
+
+# -----------------------------------------------------------------------------
+# the UNets of Paper B's Table 1: parameters and MACs counted here, beside the paper's own figures
+
+# Paper B Table 1: name -> (params in B, GMACs at 256px, attention GMACs), printed beside our counts.
+PAPER_B_TABLE1 = {
+    "UNet_SD2_C320": (0.87, 86, 34), "UNet_SD2_C512": (2.19, 219, 85),
+    "UNet_IF_XL_C512": (2.04, 194, 23), "UNet_IF_XL_C704": (3.83, 364, 42),
+    "UNet_SDXL_C128": (0.42, 35, 23), "UNet_SDXL_C192": (0.90, 75, 48),
+    "UNet_SDXL_C320": (2.39, 198, 127), "UNet_SDXL_C384": (3.40, 282, 179),
+    "UNet_TD2": (0.85, 98, 43), "UNet_TD4": (1.24, 123, 64), "UNet_TD12": (2.78, 223, 147),
+    "UNet_TD14": (3.16, 248, 168), "UNet_TD4_4": (1.32, 143, 84), "UNet_TD4_8": (2.09, 193, 123),
+    "UNet_TD4_12": (2.86, 243, 167), "UNet_C384_TD4_12": (4.07, 346, 237),
+}
+
+
+def unet_macs(cfg, latent_size=None, num_tokens=77):
+    """Forward multiply-accumulates of one image, by FlopCounterMode on the meta device (FLOPs = 2 * MACs).
+
+    total: every op. sdpa: the QK^T and softmax(.)V matmuls (SDPA runs them as bmm on the meta
+    device). attn: conv/linear MACs inside the down- and up-path transformer (IF: attention)
+    blocks; mid_attn: the same inside the middle block. Paper B's Table 1 matches
+    GMACs = total - sdpa and attn GMACs = attn (README "UNet family"): its counter saw only
+    conv and linear layers, and its attention column leaves out the middle block.
+    """
+    s = latent_size or cfg.latent_size
+    with torch.device("meta"):
+        net = UNet(cfg)
+        x = torch.zeros(1, cfg.latent_channels, s, s)
+        c_noise, y = torch.zeros(1), torch.zeros(1, num_tokens, cfg.caption_dim)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, c_noise, y)
+    counts = counter.get_flop_counts()  # {"UNet.down.1.attn.0": {op: flops}, ..., "Global": {...}}
+    sdpa = sum(v for op, v in counts["Global"].items() if "bmm" in str(op))
+    attn = mid_attn = 0
+    for name, m in net.named_modules():
+        if isinstance(m, (SpatialTransformer, IFAttention)):
+            linear = sum(v for op, v in counts[f"UNet.{name}"].items() if "bmm" not in str(op))
+            if name.startswith("mid."):
+                mid_attn += linear
+            else:
+                attn += linear
+    return {"total": counter.get_total_flops() / 2, "sdpa": sdpa / 2, "attn": attn / 2, "mid_attn": mid_attn / 2}
+
+
+def print_unet_table(latent_size=32):
+    """Print params, GMACs and attention GMACs of the 16 Table-1 presets beside Paper B's figures."""
+    print(f"UNet presets at a {latent_size}x{latent_size} latent (256px), MACs by FlopCounterMode on the meta device.")
+    print("GMACs: all ops; -sdpa: without the QK^T / softmax(.)V matmuls; attn: conv/linear MACs in the")
+    print("down/up transformer blocks (the reading that fits Paper B); +mid: with the middle block's. [paper]")
+    print(f"{'preset':17s} | {'params B [paper]':>20s} | {'GMACs [paper]':>19s} | {'-sdpa':>6s} | "
+          f"{'attn [paper]':>12s} {'share [paper]':>15s} | {'+mid':>6s}")
+    for name, (p_ref, g_ref, a_ref) in PAPER_B_TABLE1.items():
+        cfg = UNET_PRESETS[name]
+        n = param_count(cfg) / 1e9
+        m = {k: v / 1e9 for k, v in unet_macs(cfg, latent_size).items()}
+        lin = m["total"] - m["sdpa"]
+        print(f"{name:17s} | {n:6.3f} [{p_ref:4.2f}] {n / p_ref - 1:+5.1%} | "
+              f"{m['total']:6.1f} [{g_ref:3d}] {m['total'] / g_ref - 1:+5.1%} | "
+              f"{lin:6.1f} | {m['attn']:6.1f} [{a_ref:3d}] {m['attn'] / lin:6.1%} [{a_ref / g_ref:5.1%}] | "
+              f"{m['attn'] + m['mid_attn']:6.1f}")
+    a, b = param_count(UNET_PRESETS["UNet_TD4_4"]), param_count(UNET_PRESETS["UNet_SDXL_C320"])
+    ma, mb = unet_macs(UNET_PRESETS["UNet_TD4_4"], latent_size), unet_macs(UNET_PRESETS["UNet_SDXL_C320"], latent_size)
+    print(f"TD4_4 vs SDXL C320: {1 - a / b:.1%} fewer params, {1 - ma['total'] / mb['total']:.1%} fewer MACs "
+          f"({1 - (ma['total'] - ma['sdpa']) / (mb['total'] - mb['sdpa']):.1%} without sdpa) [paper: 45%, 28%]")
 
 
 # -----------------------------------------------------------------------------
@@ -156,7 +214,7 @@ CHINCHILLA_GRID = list(itertools.product(  # initialisations (a, b, e, alpha, be
     np.arange(0, 30, 5.0), np.arange(0, 30, 5.0), np.arange(-1, 1.01, 0.5),
     np.arange(0, 2.01, 0.5), np.arange(0, 2.01, 0.5)))
 HUBER_DELTA = 1e-3
-LBFGS_TIGHT = dict(ftol=1e-14, gtol=1e-10, maxiter=2000)  # for the final run from the best start: see fit_chinchilla
+LBFGS_TIGHT = dict(ftol=0, gtol=1e-14, maxiter=20000)  # the final run from the best start: see fit_chinchilla
 
 
 def huber(r, delta=HUBER_DELTA):
@@ -199,7 +257,8 @@ def fit_chinchilla(N, D, L, inits=None, delta=HUBER_DELTA):
             best = res
     # Even summed, the loss is tiny (~1e-5 for 64 points at 0.1% noise) and L-BFGS-B stops once f improves by
     # less than 2.2e-9 * max(|f|, 1), an absolute 2.2e-9 here: most starts stop short of the optimum (measured:
-    # 4 of 300 reach it). The grid picks the basin; one run with tight tolerances from its best start finishes.
+    # 4 of 300 reach it). The grid picks the basin; one run from its best start, stopped by the gradient alone
+    # (ftol=0: with ftol=1e-14, B of a noiseless replication law stopped 0.13% short on one BLAS), finishes.
     best = minimize(chinchilla_objective, best.x, args=args, jac=True, method="L-BFGS-B", options=LBFGS_TIGHT)
     a, b, e, alpha, beta = best.x
     return dict(E=np.exp(e), A=np.exp(a), B=np.exp(b), alpha=alpha, beta=beta)
@@ -254,9 +313,48 @@ def bootstrap_chinchilla(N, D, L, fit, n_boot=200, seed=0, level=0.95):
 
 
 # -----------------------------------------------------------------------------
+# Running train.py: sweep and ablate both launch it as a user would, and read the closing record it appends to
+# out_dir/log.jsonl after its final evaluation ({"final": true, "val_loss", "acc_shape", ...}).
+
+
+def read_jsonl(path):
+    """The records of a JSONL file, with a one-line error naming the line that is not JSON."""
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+    return rows
+
+
+def run_train(run_dir, flags, extra_args=()):
+    """Run `python train.py --key=value ... --out_dir=run_dir --resume=auto`, its output in run_dir/stdout.txt;
+    returns the run's results: final_loss and the accuracies. A run stopped part-way continues on the next call."""
+    os.makedirs(run_dir, exist_ok=True)
+    cmd = [sys.executable, "train.py", *(f"--{k}={v}" for k, v in flags.items()), f"--out_dir={run_dir}",
+           "--resume=auto", *extra_args]
+    with open(os.path.join(run_dir, "stdout.txt"), "a") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise RuntimeError(f"train.py failed in {run_dir} (exit {code}); its output: {run_dir}/stdout.txt")
+    log = os.path.join(run_dir, "log.jsonl")
+    finals = [r for r in read_jsonl(log) if r.get("final")] if os.path.exists(log) else []
+    if not finals:  # stopped by a signal: train.py checkpointed, and --resume=auto continues it next time
+        raise RuntimeError(f"{run_dir}: train.py stopped before its end; run the same command to resume it")
+    accs = [finals[-1][f"acc_{k}"] for k in ("shape", "colour", "position")]
+    return dict(final_loss=finals[-1]["val_loss"], acc_shape=accs[0], acc_colour=accs[1], acc_position=accs[2],
+                acc_mean=sum(accs) / 3)
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:  # one line per finished run: an interrupted sweep keeps what it finished
+        f.write(json.dumps(row) + "\n")
+
+# -----------------------------------------------------------------------------
 # sweep: small train.py runs on the built-in dataset
-# DEPENDS ON train.py: its --key=value flags below, and the {"final": true, "val_loss", "acc_*"} record it
-# appends to out_dir/log.jsonl after its closing evaluation.
 
 SWEEP_MODELS = ["MicroDiT_XS", "MicroDiT_S", "MicroDiT_M"]  # CPU-sized presets of model.py, smallest first
 SWEEP_STEPS = [250, 500, 1000]                             # training budgets, in optimizer steps
@@ -270,33 +368,21 @@ def sweep(out_path="results.jsonl", models=SWEEP_MODELS, steps_list=SWEEP_STEPS,
     unknown = [m for m in models if m not in PRESETS]
     if unknown:
         raise ValueError(f"sweep: unknown presets {unknown}; model.py has {list(PRESETS)}")
-    done = set()
-    if os.path.exists(out_path):  # an interrupted sweep resumes: runs already in out_path are not repeated
-        with open(out_path) as f:
-            done = {(r["model"], r["steps"]) for r in map(json.loads, filter(str.strip, f))}
+    # an interrupted sweep resumes: runs already in out_path are not repeated
+    done = {(r["model"], r["steps"]) for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
     for model in models:
-        cfg = PRESETS[model]
-        with torch.device("meta"):  # parameter count without memory
-            params = num_params(build_model(cfg))
-        f_img = flops_per_image(cfg, mask_ratio, train=True, caption_len=24)  # the built-in encoder's 24 tokens
+        f_img = flops_per_image(PRESETS[model], mask_ratio, train=True, caption_len=24)  # the built-in 24 tokens
         for steps in steps_list:
             if (model, steps) in done:
                 continue
-            run_dir = os.path.join(run_root, f"{model}_{steps}")
             t0 = time.time()
             # each budget is its own run with its own schedule (warmup, then cosine to the end), as in Chinchilla
-            subprocess.run([sys.executable, "train.py", f"--model={model}", f"--max_steps={steps}",
-                            f"--warmup_steps={steps // 10}", f"--batch_size={batch_size}",
-                            f"--mask_ratio={mask_ratio}", "--unmasked_steps=0", f"--out_dir={run_dir}"], check=True)
-            with open(os.path.join(run_dir, "log.jsonl")) as f:
-                final = [r for r in map(json.loads, f) if r.get("final")][-1]
-            accs = [final["acc_shape"], final["acc_colour"], final["acc_position"]]
-            row = dict(model=model, params=params, steps=steps, images=steps * batch_size,
-                       flops=f_img * steps * batch_size, final_loss=final["val_loss"],
-                       acc_shape=accs[0], acc_colour=accs[1], acc_position=accs[2], acc_mean=sum(accs) / 3,
-                       wall_s=round(time.time() - t0, 1))
-            with open(out_path, "a") as f:  # one line per finished run
-                f.write(json.dumps(row) + "\n")
+            results = run_train(os.path.join(run_root, f"{model}_{steps}"), dict(
+                model=model, max_steps=steps, warmup_steps=steps // 10, batch_size=batch_size, mask_ratio=mask_ratio,
+                unmasked_steps=0))
+            row = dict(model=model, params=param_count(PRESETS[model]), steps=steps, images=steps * batch_size,
+                       flops=f_img * steps * batch_size, **results, wall_s=round(time.time() - t0, 1))
+            append_jsonl(out_path, row)
             print(json.dumps(row))
 
 
@@ -349,10 +435,10 @@ ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", 
 
 def ablation_runs(tables, seeds, base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH):
     """The runs the tables need, each once: {run: dict(variant, seed, model, mask_ratio, model_args, steps, ...)}."""
-    from train import model_overrides
     unknown = [t for t in tables if t not in ABLATION_TABLES]
     if unknown:
         raise ValueError(f"ablate: unknown tables {unknown}; choose from {list(ABLATION_TABLES)}")
+
     def per_image(cfg, mask_ratio):  # training FLOPs per image, averaged over the masked and unmasked steps
         f = lambda m: flops_per_image(cfg, m, train=True, caption_len=24)  # the built-in encoder's 24 tokens
         return (1 - ABLATION_UNMASKED) * f(mask_ratio) + ABLATION_UNMASKED * f(0.0) if mask_ratio else f(0.0), f
@@ -362,19 +448,16 @@ def ablation_runs(tables, seeds, base_steps=ABLATION_BASE_STEPS, batch_size=ABLA
     for variant in dict.fromkeys(v for t in tables for _, v in ABLATION_TABLES[t][1]):
         spec = {**BASE, **VARIANTS[variant]}
         preset = get_config(spec["model"])
-        cfg = replace(preset, **model_overrides(spec["model_args"], preset))
+        cfg = replace(preset, **parse_overrides(spec["model_args"], preset))
         f_avg, f = per_image(cfg, spec["mask_ratio"])
         steps = max(1, round(spec["budget"] * budget / (f_avg * batch_size)))
         unmasked = round(ABLATION_UNMASKED * steps) if spec["mask_ratio"] else 0
-        with torch.device("meta"):
-            params = num_params(build_model(cfg))
+        flops = ((steps - unmasked) * f(spec["mask_ratio"]) + unmasked * f(0.0)) * batch_size
         for seed in seeds:
             runs[f"{variant}_s{seed}"] = dict(variant=variant, seed=seed, model=spec["model"],
                                               mask_ratio=spec["mask_ratio"], model_args=spec["model_args"],
-                                              params=params, steps=steps, unmasked_steps=unmasked,
-                                              images=steps * batch_size,
-                                              flops=((steps - unmasked) * f(spec["mask_ratio"]) + unmasked * f(0.0))
-                                              * batch_size)
+                                              params=param_count(cfg), steps=steps, unmasked_steps=unmasked,
+                                              images=steps * batch_size, flops=flops)
     return runs
 
 
@@ -382,14 +465,9 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2
            batch_size=ABLATION_BATCH, run_root="out/ablate", data_root="data_cache",
            dataset_size=ABLATION_DATASET_SIZE, train_args=()):
     """Train and evaluate every run the tables need, `jobs` at a time; one JSON line per finished run."""
-    import concurrent.futures
-    import threading
-    import data
     runs = ablation_runs(tables, seeds, base_steps, batch_size)
-    done = set()
-    if os.path.exists(out_path):  # an interrupted ablation resumes: finished runs are not repeated
-        with open(out_path) as f:
-            done = {json.loads(line)["run"] for line in f if line.strip()}
+    # an interrupted ablation resumes: finished runs are not repeated
+    done = {r["run"] for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
     todo = {k: r for k, r in runs.items() if k not in done}
     print(f"ablate: {len(runs)} runs ({len(runs) - len(todo)} already in {out_path}), {jobs} at a time")
     data_dir = lambda seed: os.path.join(data_root, f"ablate_shapes32_seed{seed}")
@@ -399,32 +477,15 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2
     lock = threading.Lock()
 
     def run(name, r):
-        run_dir = os.path.join(run_root, name)
-        os.makedirs(run_dir, exist_ok=True)
-        cmd = [sys.executable, "train.py", f"--model={r['model']}", f"--mask_ratio={r['mask_ratio']}",
-               f"--model_args={r['model_args']}", f"--max_steps={r['steps']}", f"--warmup_steps={r['steps'] // 10}",
-               f"--unmasked_steps={r['unmasked_steps']}",
-               f"--batch_size={batch_size}", f"--seed={r['seed']}", f"--data_dir={data_dir(r['seed'])}",
-               f"--dataset_size={dataset_size}",
-               f"--out_dir={run_dir}", f"--threads={threads}", f"--ckpt_every={r['steps']}", "--resume=auto",
-               *train_args]
         t0 = time.time()
-        with open(os.path.join(run_dir, "stdout.txt"), "a") as log:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-        if code:
-            raise RuntimeError(f"ablate: run {name} failed (exit {code}); its output: {run_dir}/stdout.txt")
-        log_path = os.path.join(run_dir, "log.jsonl")
-        with open(log_path) if os.path.exists(log_path) else contextlib.nullcontext([]) as f:
-            finals = [x for x in map(json.loads, f) if x.get("final")]
-        if not finals:  # stopped by a signal: train.py checkpointed, and --resume=auto continues it next time
-            raise RuntimeError(f"ablate: run {name} stopped before its end; run the same command to resume it")
-        final = finals[-1]
-        accs = [final["acc_shape"], final["acc_colour"], final["acc_position"]]
-        row = dict(run=name, **r, final_loss=final["val_loss"], acc_shape=accs[0], acc_colour=accs[1],
-                   acc_position=accs[2], acc_mean=sum(accs) / 3, wall_s=round(time.time() - t0, 1))
+        results = run_train(os.path.join(run_root, name), dict(
+            model=r["model"], mask_ratio=r["mask_ratio"], model_args=r["model_args"], max_steps=r["steps"],
+            warmup_steps=r["steps"] // 10, unmasked_steps=r["unmasked_steps"], batch_size=batch_size, seed=r["seed"],
+            data_dir=data_dir(r["seed"]), dataset_size=dataset_size, threads=threads, ckpt_every=r["steps"]),
+            train_args)
+        row = dict(run=name, **r, **results, wall_s=round(time.time() - t0, 1))
         with lock:
-            with open(out_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(out_path, row)
             print(f"ablate: {name}: {r['steps']} steps, val loss {row['final_loss']:.4f}, mean accuracy "
                   f"{row['acc_mean']:.3f}, {row['wall_s']:.0f}s", flush=True)
 
@@ -438,17 +499,14 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2
             raise
 
 
-def load_ablations(path):
-    """The rows of an ablation JSONL, checked for the keys ablate writes."""
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)
-                missing = [k for k in ABLATION_KEYS if k not in row]
-                if missing:
-                    raise ValueError(f"{path}:{lineno}: missing keys {missing}")
-                rows.append(row)
+def load_rows(path, keys, min_rows=0):
+    """The rows of a results JSONL (sweep or ablate), each checked for the keys they write."""
+    rows = read_jsonl(path)
+    for lineno, row in enumerate(rows, 1):
+        if missing := [k for k in keys if k not in row]:
+            raise ValueError(f"{path}: row {lineno}: missing keys {missing}")
+    if len(rows) < min_rows:
+        raise ValueError(f"{path}: {len(rows)} runs; fitting needs at least {min_rows}")
     return rows
 
 
@@ -494,26 +552,6 @@ RESULT_KEYS = ("model", "params", "steps", "images", "flops", "final_loss",
                "acc_shape", "acc_colour", "acc_position", "acc_mean", "wall_s")
 AXES = [("flops", "compute (FLOPs)"), ("params", "parameters"), ("images", "images seen")]
 TARGETS = [("final_loss", "final loss", False), ("acc_mean", "mean accuracy", True)]  # (key, label, maximize)
-
-
-def load_results(path):
-    """The rows of a results JSONL, each checked for the keys a sweep writes."""
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
-            missing = [k for k in RESULT_KEYS if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing keys {missing}")
-            rows.append(row)
-    if len(rows) < 3:
-        raise ValueError(f"{path}: {len(rows)} runs; fitting needs at least 3")
-    return rows
 
 
 def fit_results(rows, n_boot=200, seed=0):
@@ -592,10 +630,9 @@ def plot_fits(rows, fits, path):
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_write(path) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
 
 
 # -----------------------------------------------------------------------------
@@ -609,6 +646,7 @@ def main(argv=None):
     c.add_argument("--gpu-peak", type=float, default=H100_BF16_PEAK / 1e12, help="peak TFLOP/s of one GPU")
     c.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation to price at")
     c.add_argument("--price", type=float, default=PRICE_PER_GPU_HOUR, help="dollars per GPU-hour")
+    sub.add_parser("unets", help="the 16 UNets of Paper B's Table 1: parameters and GMACs beside the paper's")
     s = sub.add_parser("sweep", help="train and evaluate a grid of small models (calls train.py)")
     s.add_argument("--out", default="results.jsonl")
     a = sub.add_parser("ablate", help="the papers' ablations in miniature, at equal FLOPs (calls train.py)")
@@ -634,6 +672,8 @@ def main(argv=None):
             p.error(f"cost: need --gpu-peak > 0, 0 < --mfu <= 1, --price >= 0; got {args.gpu_peak}, {args.mfu}, "
                     f"{args.price}")
         print_cost(args.preset, args.gpu_peak * 1e12, args.mfu, args.price)
+    elif args.cmd == "unets":
+        print_unet_table()
     elif args.cmd == "sweep":
         sweep(args.out)
     elif args.cmd == "ablate":
@@ -647,12 +687,12 @@ def main(argv=None):
                     p.error("ablate: need --jobs >= 1 and --base-steps >= 1")
                 ablate(args.out, tables, seeds, args.jobs, args.base_steps, run_root=args.run_root,
                        data_root=args.data_root, dataset_size=args.dataset_size, train_args=args.train_args.split())
-            print(ablation_tables(load_ablations(args.out), tables))
+            print(ablation_tables(load_rows(args.out, ABLATION_KEYS), tables))
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             p.error(str(e))
     else:
         try:
-            rows = load_results(args.results)
+            rows = load_rows(args.results, RESULT_KEYS, min_rows=3)
         except (FileNotFoundError, ValueError) as e:
             p.error(str(e))
         fits = fit_results(rows, args.n_boot, args.seed)

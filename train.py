@@ -1,24 +1,23 @@
 """
-Train a text-to-image diffusion model on latent shards. With no arguments it trains a CPU-sized MicroDiT
-on the built-in shapes dataset (generated on first use) in minutes:
+Train a text-to-image diffusion model on latent shards. With no arguments it trains a CPU-sized MicroDiT on
+the built-in shapes dataset (generated on first use) in minutes:
 
     python train.py                                   # the built-in default
     python train.py configs/my_run.py --max_steps=500 # a config file, then --key=value overrides
     torchrun --standalone --nproc_per_node=8 train.py configs/stage1_256_masked.py   # DDP, one node
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...  # two nodes
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
 SIGTERM or SIGINT (a preemption, Ctrl-C) finishes the current step, writes a checkpoint and exits 0; run the
 same command with --resume=auto to continue bit-exactly. Under torchrun, raise --shutdown_timeout (30 s by
 default, then SIGKILL) above one step plus one checkpoint write.
 
-Reads top to bottom: config -> DDP -> data -> model -> optimizer -> compile -> DDP wrap -> helpers -> loop.
+Reads top to bottom: the config, the setup steps as small functions, then train(): the loop.
 """
 import contextlib
 import copy
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -29,107 +28,83 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
+import shapes
+from checkpoint import (add_results, atomic_write, list_checkpoints, load_checkpoint, push_to_hub, read_checkpoint,
+                        remove, resolve_checkpoint, save_pretrained, save_train_state)
+from diffusion import Denoiser, drop_captions, edm_loss, sample_sigma, training_noise
+from model import build_model, flops_per_image, get_config, num_params, parse_overrides, parse_value
+from sample import generate, image_grid
+from scaling import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours
+
 
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "shapes"                # "shapes": the built-in dataset, written to data_dir if missing; "shards": existing
-    data_dir: str = ""                     # latent shards (index.json + shard-*.safetensors), a local folder or
-                                           # hf://datasets/USER/NAME[@REV][/SUBDIR]; "" = data_cache/shapes<res>
-    dataset_size: int = 40_000             # built-in dataset: training images to generate
-    text_context: float = 0.7              # built-in dataset: the text encoder's causal context (data.py); 0 = none
-    shuffle_buffer: int = 8192             # records shuffled together in memory
-    num_workers: int = 0                   # DataLoader workers per rank and lane
-    data_lanes: int = 0                    # shard streams dealt out to ranks, each filling batch_size/lanes of every
-                                           # global batch; 0 = world size. A fixed value (a multiple of every world
-                                           # size used) makes the data order independent of the number of ranks
+    dataset: str = "shapes"          # "shapes": the built-in dataset, written to data_dir if missing; "shards"
+    data_dir: str = ""               # latent shards (index.json + shard-*.safetensors): a local folder or
+                                     # hf://datasets/USER/NAME[@REV][/SUBDIR]; "" = data_cache/shapes<res>
+    dataset_size: int = 40_000       # built-in dataset: training images to generate
+    text_context: float = 0.7        # built-in dataset: the text encoder's causal context (shapes.py); 0 = none
+    shuffle_buffer: int = 8192       # records shuffled together in memory
+    num_workers: int = 0             # DataLoader workers per rank and lane
+    data_lanes: int = 0              # shard streams dealt out to ranks, each filling batch_size/lanes of every
+                                     # global batch; 0 = world size. A fixed value (a multiple of every world
+                                     # size used) makes the data order independent of the number of ranks
     # model
-    model: str = "MicroDiT_S"              # a preset of model.py
-    model_args: str = ""                   # overrides of the preset's fields, e.g. "mixer_depth=0,num_experts=0"
-                                           # or "mlp_ratio=2.5:2.5" (a tuple field: values joined by ':')
-    latent_size: int = 0                   # 0 = the preset's; 64 for MicroDiT at 512px
-    pos_interp_scale: float = 0.0          # 0 = the preset's; 2 at 512px keeps the 256px position range (SPEC A2)
+    model: str = "MicroDiT_S"        # a preset of model.py
+    model_args: str = ""             # overrides of the preset's fields, e.g. "mixer_depth=0,num_experts=0"
+                                     # or "mlp_ratio=2.5:2.5" (a tuple field: values joined by ':')
+    latent_size: int = 0             # 0 = the preset's; 64 for MicroDiT at 512px
+    pos_interp_scale: float = 0.0    # 0 = the preset's; 2 at 512px keeps the 256px position range (SPEC A2)
     # diffusion (EDM, SPEC A3)
-    P_mean: float = -0.6                   # ln(sigma) ~ N(P_mean, P_std^2) during training
+    P_mean: float = -0.6             # ln(sigma) ~ N(P_mean, P_std^2) during training
     P_std: float = 1.2
-    sigma_data: float = 0.9
-    mask_ratio: float = 0.5                # fraction of patches dropped after the patch-mixer
-    unmasked_steps: int = 250              # the last this-many steps train unmasked, as the recipe's stages 2 and 4
-                                           # do: sampling is always unmasked, so the model ends on what it will see
-    caption_dropout: float = 0.1           # captions replaced by zeros, for classifier-free guidance
+    sigma_data: float = 0.9          # the data's std in the preconditioning; recorded in every checkpoint
+    mask_ratio: float = 0.5          # fraction of patches dropped after the patch-mixer
+    unmasked_steps: int = 250        # the last this-many steps train unmasked, as the recipe's stages 2 and 4
+                                     # do: sampling is always unmasked, so the model ends on what it will see
+    caption_dropout: float = 0.1     # captions replaced by zeros, for classifier-free guidance
     # optimisation (AdamW)
-    batch_size: int = 64                   # global batch, whatever the world size: micro_batch x grad_accum x world
-    grad_accum: int = 1                    # micro-batches per optimizer step (when micro_batch = 0)
-    micro_batch: int = 0                   # images per rank per forward pass; > 0: grad_accum = batch_size /
-                                           # (micro_batch x world), so one config fits any GPU count; 0: from grad_accum
-    max_steps: int = 2000                  # the default run: ~12 min on 2 CPU cores
+    batch_size: int = 64             # global batch, whatever the world size: micro_batch x grad_accum x world
+    grad_accum: int = 1              # micro-batches per optimizer step (when micro_batch = 0)
+    micro_batch: int = 0             # images per rank per forward pass; > 0: grad_accum = batch_size /
+                                     # (micro_batch x world), so one config fits any GPU count
+    max_steps: int = 2000            # the default run: ~12 min on 2 CPU cores
     lr: float = 1e-3
-    lr_schedule: str = "cosine"            # "cosine" (warmup, cosine to lr * min_lr_ratio) or "constant" (warmup)
+    lr_schedule: str = "cosine"      # "cosine" (warmup, cosine to lr * min_lr_ratio) or "constant" (warmup)
     warmup_steps: int = 200
-    min_lr_ratio: float = 0.33             # the floor of the cosine, as a fraction of lr
+    min_lr_ratio: float = 0.33       # the floor of the cosine, as a fraction of lr
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    grad_clip: float = 1.0                 # max gradient norm; 0 = off
-    ema_decay: float = 0.999               # EMA of the weights (warmed up); 0 = no EMA
-    max_bad_steps: int = 5                 # a non-finite loss or gradient skips the step; this many in a row stop
+    grad_clip: float = 1.0           # max gradient norm; 0 = off
+    ema_decay: float = 0.999         # EMA of the weights (warmed up); 0 = no EMA
+    max_bad_steps: int = 5           # a non-finite loss or gradient skips the step; this many in a row stop
     # system
-    device: str = "auto"                   # "auto" = cuda if available, else cpu
-    bf16: typing.Optional[bool] = None     # bf16 autocast; None = on for CUDA, off for CPU (bf16 keeps fp32's
-                                           # exponent range, so no GradScaler: fp16 autocast is not offered)
-    compile: bool = False                  # torch.compile the model
+    device: str = "auto"             # "auto" = cuda if available, else cpu
+    bf16: typing.Optional[bool] = None  # bf16 autocast; None = on for CUDA, off for CPU (bf16 keeps fp32's
+                                     # exponent range, so no GradScaler: fp16 autocast is not offered)
+    compile: bool = False            # torch.compile the model
     seed: int = 0
-    threads: int = 0                       # CPU threads for torch; 0 = leave torch's default
+    threads: int = 0                 # CPU threads for torch; 0 = leave torch's default
     # logging, evaluation, checkpoints
     out_dir: str = "out/default"
-    log_every: int = 100                   # steps between log lines
-    eval_every: int = 0                    # steps between sample grids + scores; 0 = only at the end
-    eval_n: int = 128                      # held-out captions sampled at each evaluation
-    eval_steps: int = 18                   # Heun steps of the evaluation sampler
-    eval_guidance: float = 4.0             # classifier-free guidance of the evaluation sampler
-    val_n: int = 256                       # held-out images for the validation loss (mask ratio 0)
-    ckpt_every: int = 1000                 # steps between checkpoints (and one at the end)
-    keep_ckpts: int = 2                    # newest checkpoints kept in out_dir
-    push_to_hub: str = ""                  # a Hub repo id: the final checkpoint (weights, config, card) is uploaded
-    resume: str = ""                       # full state: "auto" = newest checkpoint of out_dir that loads, or a path
-    init_from: str = ""                    # when nothing is resumed: a checkpoint (or run folder) whose weights start
-                                           # this run at step 0; pos_embed is recomputed for this model's latent size
-    init_state: bool = False               # with init_from: also its optimizer state, step and data position
-    peak_flops: float = 0.0                # device peak FLOP/s for MFU; 0 = measure a matmul once
-
-
-def parse_value(key, text, typ):
-    """'--key=value' text -> a value of the field's type, or a clear error naming the key."""
-    if typing.get_origin(typ) is typing.Union:  # Optional[X]
-        if text.lower() == "none":
-            return None
-        typ = [t for t in typing.get_args(typ) if t is not type(None)][0]
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{key}: expected true or false, got {text!r}")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{key}: expected {typ.__name__}, got {text!r}") from None
-
-
-def model_overrides(text, preset):
-    """'key=value,...' -> {field: value} typed like the preset's own fields; a clear error naming a bad key."""
-    known, out = {f.name: getattr(preset, f.name) for f in fields(preset)}, {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        if key not in known or not sep:
-            raise ValueError(f"--model_args: {item!r} is not FIELD=VALUE with FIELD one of: {', '.join(known)}")
-        old = known[key]
-        if isinstance(old, tuple):
-            out[key] = tuple(parse_value(f"model_args {key}", v, type(old[0])) for v in value.split(":"))
-        else:
-            out[key] = parse_value(f"model_args {key}", value, type(old))
-    return out
+    log_every: int = 100             # steps between log lines
+    eval_every: int = 0              # steps between sample grids + scores; 0 = only at the end
+    eval_n: int = 128                # held-out captions sampled at each evaluation
+    eval_steps: int = 18             # Heun steps of the evaluation sampler
+    eval_guidance: float = 4.0       # classifier-free guidance of the evaluation sampler
+    val_n: int = 256                 # held-out images for the validation loss (mask ratio 0)
+    ckpt_every: int = 1000           # steps between checkpoints (and one at the end)
+    keep_ckpts: int = 2              # newest checkpoints kept in out_dir
+    push_to_hub: str = ""            # a Hub repo id: the final checkpoint (weights, config, card) is uploaded
+    resume: str = ""                 # full state: "auto" = newest checkpoint of out_dir that loads, or a path
+    init_from: str = ""              # when nothing is resumed: a checkpoint (or run folder) whose weights start
+                                     # this run at step 0; pos_embed is recomputed for this model's latent size
+    init_state: bool = False         # with init_from: also its optimizer state, step and data position
+    peak_flops: float = 0.0          # device peak FLOP/s for MFU; 0 = measure a matmul once
 
 
 def load_config(argv):
@@ -164,9 +139,15 @@ def load_config(argv):
     if not 0 <= cfg.text_context < 1:
         raise ValueError(f"--text_context must be in [0, 1), got {cfg.text_context}")
     if cfg.model_args:  # checked now, so a typo is a one-line error before any work
-        from model import get_config
-        model_overrides(cfg.model_args, get_config(cfg.model))
+        parse_overrides(cfg.model_args, get_config(cfg.model))
     return cfg
+
+
+def model_config(cfg):
+    """The network's config: the preset, its latent size and interp scale for this run, --model_args."""
+    mcfg = get_config(cfg.model, **{k: v for k, v in (("latent_size", cfg.latent_size),
+                                                       ("pos_interp_scale", cfg.pos_interp_scale)) if v})
+    return replace(mcfg, **parse_overrides(cfg.model_args, mcfg))
 
 
 def lr_at(step, cfg):
@@ -198,93 +179,30 @@ def step_seed(seed, step, stream):
     the steps before it, so a resumed run needs no RNG state to replay it exactly."""
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
-
-# --- checkpoints: weights and optimizer moments in safetensors, the rest in JSON -----------------
-
-def save_train_state(folder, opt, state):
-    from safetensors.torch import save_file
-    sd = opt.state_dict()
-    save_file({f"opt.{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()},
-              os.path.join(folder, "state.safetensors"))
-    with open(os.path.join(folder, "state.json"), "w") as f:
-        json.dump(state, f, indent=2)
+# -----------------------------------------------------------------------------
+# setup, step by step
 
 
-def checkpoints(out_dir):
-    """Complete ckpt-* folders of out_dir, newest first (an interrupted write leaves only a *.tmp folder)."""
-    if not os.path.isdir(out_dir):
-        return []
-    return [os.path.join(out_dir, d) for d in sorted(os.listdir(out_dir), reverse=True) if d.startswith("ckpt-")
-            and not d.endswith(".tmp") and os.path.isfile(os.path.join(out_dir, d, "state.json"))]
-
-
-def read_checkpoint(folder, full=True):
-    """The files of a checkpoint as {'model', 'ema', 'opt': tensors, 'state': state.json}, or only the weights
-    (not full: a Hub checkpoint has no training state); raises on a missing or corrupt file before any is loaded."""
-    from safetensors.torch import load_file
-    path = lambda name: os.path.join(folder, name)
-    ckpt = {"model": load_file(path("model.safetensors")), "ema": None, "opt": None, "state": {}}
-    if full:
-        ckpt["ema"] = load_file(path("ema.safetensors")) if os.path.isfile(path("ema.safetensors")) else None
-        ckpt["opt"] = load_file(path("state.safetensors"))
-        with open(path("state.json")) as f:
-            ckpt["state"] = json.load(f)
-    return ckpt
-
-
-def load_checkpoint(ckpt, folder, net, ema, opt):
-    """Load what read_checkpoint returned. pos_embed is a buffer computed from the model's latent size and
-    pos_interp_scale: this model's own is kept, so 256px weights can start a 512px model (SPEC A2)."""
-    from model import load_weights
-    for sd, module in ((ckpt["model"], net), (ckpt["ema"] or ckpt["model"], ema)):
-        if module is not None:
-            if "pos_embed" in module.state_dict():
-                sd = {**sd, "pos_embed": module.pos_embed}
-            load_weights(module, sd, folder)
-    if ckpt["opt"] is not None:
-        per_param = {}
-        for key, v in ckpt["opt"].items():
-            if key.startswith("opt."):  # "opt.<param index>.<exp_avg|exp_avg_sq|step>"
-                _, i, name = key.split(".", 2)
-                per_param.setdefault(int(i), {})[name] = v
-        # lr, betas and weight decay come from this run's config, not from the checkpoint's
-        opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
-    return ckpt["state"]
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader workers ignore SIGINT and SIGTERM: a signal to the whole process group (Ctrl-C, a cluster's
-    preemption) must not kill them while the main process finishes its step and writes its checkpoint."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def train(cfg):
-    import data
-    from model import add_results, atomic_dir, build_model, edm_loss, flops_per_image, get_config, num_params, \
-        push_to_hub, resolve_checkpoint, sample_sigma, save_pretrained
-    from sample import generate, image_grid
-    from scaling import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours
-
-    # --- distributed: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is one process -------
+def setup_distributed(cfg):
+    """(ddp, rank, world, device): torchrun sets RANK and WORLD_SIZE; plain `python train.py` is one process."""
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local_rank = 0, 1, 0
-    master = rank == 0
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     if cfg.device == "auto":
-        cfg.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    # The global batch is batch_size on any number of ranks: each rank computes a contiguous 1/world of it in
-    # grad_accum micro-batches. With micro_batch set (what fits in memory), the accumulation follows from the world.
+    return ddp, rank, world, device
+
+
+def split_batch(cfg, world):
+    """(grad_accum, micro_batch, lanes). The global batch is batch_size on any number of ranks: each rank computes
+    a contiguous 1/world of it in grad_accum micro-batches; with micro_batch set (what fits in memory), the
+    accumulation follows from the world size."""
     grad_accum = cfg.batch_size // (cfg.micro_batch * world) if cfg.micro_batch else cfg.grad_accum
     micro_batch = cfg.batch_size // (grad_accum * world) if grad_accum > 0 else 0  # per rank, per forward pass
     if not micro_batch or micro_batch * grad_accum * world != cfg.batch_size or cfg.micro_batch not in (0, micro_batch):
@@ -294,14 +212,13 @@ def train(cfg):
     if lanes % world or cfg.batch_size % lanes:
         raise ValueError(f"data_lanes={lanes} must be a multiple of the world size {world} and divide "
                          f"batch_size={cfg.batch_size}")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    return grad_accum, micro_batch, lanes
 
-    # --- data: the built-in dataset is written on first use -----------------------------------
+
+def prepare_data(cfg, mcfg, master, ddp):
+    """The dataset's index.json; the built-in dataset is written on first use, sized for the model."""
     if cfg.dataset not in ("shapes", "shards"):
         raise ValueError(f"--dataset must be 'shapes' or 'shards', got {cfg.dataset!r}")
-    mcfg = get_config(cfg.model, **{k: v for k, v in (("latent_size", cfg.latent_size),
-                                                       ("pos_interp_scale", cfg.pos_interp_scale)) if v})
-    mcfg = replace(mcfg, **model_overrides(cfg.model_args, mcfg))
     if cfg.dataset == "shapes":  # the built-in images are the latents: their size and caption width follow the model
         res, text_dim = mcfg.latent_size, mcfg.caption_dim
         cfg.data_dir = cfg.data_dir or f"data_cache/shapes{res}" + (f"_d{text_dim}" if text_dim != 64 else "") + \
@@ -312,46 +229,148 @@ def train(cfg):
         if ddp:
             dist.barrier()
     index = data.read_index(cfg.data_dir)
-    meta = index["meta"]
-    if master:
-        print("config:", json.dumps(asdict(cfg)))
-
-    # --- model ---------------------------------------------------------------------------------
     C, H, W = index["latent_shape"]
     if (C, H) != (mcfg.latent_channels, mcfg.latent_size) or index["text_shape"][-1] != mcfg.caption_dim:
         raise ValueError(f"model {cfg.model} expects latents ({mcfg.latent_channels}, {mcfg.latent_size}, "
                          f"{mcfg.latent_size}) and captions of width {mcfg.caption_dim}; {cfg.data_dir} holds "
                          f"latents {tuple(index['latent_shape'])} and captions {tuple(index['text_shape'])}")
+    return index
+
+
+def start(cfg, net, ema, opt, master):
+    """(step, samples, skipped) after loading what starts this run. resume: this run's own full state, "auto" the
+    newest checkpoint of out_dir that loads; init_from: another run (a previous recipe stage) starts this one."""
+    found = None
+    if cfg.resume == "auto":
+        for folder in list_checkpoints(cfg.out_dir):
+            try:
+                found = "resumed from", folder, read_checkpoint(folder)
+                break
+            except Exception as e:  # a truncated or corrupt file: say which, and fall back to the previous checkpoint
+                if master:
+                    print(f"warning: checkpoint {folder} does not load ({type(e).__name__}: {e}); trying an older one")
+    elif cfg.resume:
+        found = "resumed from", cfg.resume, read_checkpoint(cfg.resume)
+    if found is None and cfg.init_from:
+        folder = resolve_checkpoint(cfg.init_from)
+        found = "started from", folder, read_checkpoint(folder, full=cfg.init_state)
+    if found is None:
+        if cfg.resume == "auto" and master:
+            print(f"no checkpoint in {cfg.out_dir}: starting fresh")
+        return 0, 0, 0
+    how, folder, ckpt = found
+    state = load_checkpoint(ckpt, folder, net, ema, opt)
+    step, samples, skipped = (state["step"], state["samples"], state.get("skipped", 0)) if ckpt["opt"] else (0, 0, 0)
+    if master:
+        print(f"{how} {folder} at step {step}" + ("" if ckpt["opt"] is not None else " (weights only)"))
+    return step, samples, skipped
+
+
+def make_loaders(cfg, rank, world, lanes, samples):
+    """One endless batch iterator per data lane of this rank. Each global batch is `lanes` blocks of
+    batch_size/lanes records, block l from shard stream l (its own shards): rank r reads lanes
+    [r, r+1) * lanes/world, its contiguous 1/world of every global batch. A fixed data_lanes gives the same
+    global batches on every world size that divides it."""
+    per_lane = cfg.batch_size // lanes
+    # the loaders get their own generator: drawing their seed from the global RNG would shift a resumed run's noise
+    return [iter(torch.utils.data.DataLoader(
+        data.ShardStream(cfg.data_dir, seed=cfg.seed, rank=lane, world_size=lanes, shuffle_buffer=cfg.shuffle_buffer,
+                         start=samples // lanes, batch_size=per_lane),
+        batch_size=per_lane, num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(cfg.seed)))
+        for lane in range(rank * lanes // world, (rank + 1) * lanes // world)]
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore SIGINT and SIGTERM: a signal to the whole process group (Ctrl-C, a cluster's
+    preemption) must not kill them while the main process finishes its step and writes its checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def print_plan(cfg, net, flops_at, mask_at, step, device, bf16, peak, world, grad_accum, micro_batch, lanes):
+    """What this run is: the model, its FLOPs and price, the device and the batch arithmetic."""
+    total = sum(flops_at[mask_at(s)] for s in range(step, cfg.max_steps)) * cfg.batch_size
+    unmasked = f", the last {cfg.unmasked_steps} steps unmasked" if cfg.unmasked_steps and cfg.mask_ratio else ""
+    print(f"model {cfg.model}: {num_params(net):,} parameters, {flops_at[cfg.mask_ratio] / 1e9:.2f} training "
+          f"GFLOPs per image at mask ratio {cfg.mask_ratio}{unmasked}; device {device}{' bf16' if bf16 else ''}, "
+          f"peak {peak / 1e12:.2f} TFLOP/s (measured matmul)")
+    print(f"this run: {total:.2e} training FLOPs, {gpu_hours(total):.2g} H100-hours = "
+          f"${dollars(gpu_hours(total)):.2g} at {DEFAULT_MFU:.0%} MFU and ${PRICE_PER_GPU_HOUR}/hour (scaling.py)")
+    print(f"batch {cfg.batch_size} = {world} ranks x {grad_accum} accumulation x {micro_batch} micro-batch; "
+          f"{lanes} data lanes")
+
+
+@torch.no_grad()
+def update_ema(ema, net, step, decay):
+    """EMA of the weights, warmed up: early weights are forgotten quickly."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def evaluate(cfg, net, val, prompts, extra, step, device):
+    """Validation loss at mask ratio 0, and held-out captions sampled and scored (with a sample grid)."""
+    with torch.random.fork_rng():  # evaluation must not shift the training RNG stream
+        torch.manual_seed(1234)
+        D, results = Denoiser(net, cfg.sigma_data), {}
+        if val is not None and cfg.val_n > 0:
+            x, y = val["latent"][:cfg.val_n].to(device), val["text"][:cfg.val_n].to(device)
+            losses = []
+            for i in range(0, len(x), 64):
+                sigma = sample_sigma(len(x[i:i + 64]), cfg.P_mean, cfg.P_std, device)
+                losses.append(edm_loss(D, x[i:i + 64], y[i:i + 64], sigma, torch.randn_like(x[i:i + 64])))
+            results["val_loss"] = float(torch.stack(losses).mean())
+        if prompts:
+            images = generate(D, extra, prompts, seed=0, steps=cfg.eval_steps, guidance=cfg.eval_guidance,
+                              progress=False)
+            image_grid(images[:64], cols=8).save(os.path.join(cfg.out_dir, f"samples-{step:07d}.png"))
+            results.update({f"acc_{k}": v for k, v in shapes.score(images, prompts).items()})
+    return results
+
+
+def save_checkpoint(cfg, net, ema, opt, extra, state):
+    """Write ckpt-<step> atomically, then keep only the newest keep_ckpts."""
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise RuntimeError(f"step {state['step']}: non-finite weights; not writing a checkpoint")
+    path = os.path.join(cfg.out_dir, f"ckpt-{state['step']:07d}")
+    with atomic_write(path) as tmp:
+        os.makedirs(tmp)
+        save_pretrained(tmp, net, ema, extra)
+        save_train_state(tmp, opt, state)
+    for old in list_checkpoints(cfg.out_dir)[cfg.keep_ckpts:]:
+        remove(old)
+    return path
+
+
+def log(cfg, record):
+    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg):
+    ddp, rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    grad_accum, micro_batch, lanes = split_batch(cfg, world)
+    mcfg = model_config(cfg)
+    index = prepare_data(cfg, mcfg, master, ddp)
+    meta = index["meta"]
+    if master:
+        print("config:", json.dumps(asdict(cfg)))
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = build_model(mcfg).to(device)
     # the EMA lives on rank 0 only, the rank that evaluates and saves it
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay > 0 and master else None
     # fused: one kernel for all the parameters instead of several per tensor (on CPU too)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                             weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    # resume: this run's full state. init_from: another run (a previous recipe stage) starts this one.
-    step, samples, skipped, start = 0, 0, 0, None
-    if cfg.resume == "auto":
-        for folder in checkpoints(cfg.out_dir):
-            try:
-                start = "resumed from", folder, read_checkpoint(folder)
-                break
-            except Exception as e:  # a truncated or corrupt file: say which, and fall back to the previous checkpoint
-                if master:
-                    print(f"warning: checkpoint {folder} does not load ({type(e).__name__}: {e}); trying an older one")
-    elif cfg.resume:
-        start = "resumed from", cfg.resume, read_checkpoint(cfg.resume)
-    if start is None and cfg.init_from:
-        folder = resolve_checkpoint(cfg.init_from)
-        start = "started from", folder, read_checkpoint(folder, full=cfg.init_state)
-    if start:
-        how, folder, ckpt = start
-        state = load_checkpoint(ckpt, folder, net, ema, opt)
-        if ckpt["opt"] is not None:
-            step, samples, skipped = state["step"], state["samples"], state.get("skipped", 0)
-        if master:
-            print(f"{how} {folder} at step {step}" + ("" if ckpt["opt"] is not None else " (weights only)"))
-    elif cfg.resume == "auto" and master:
-        print(f"no checkpoint in {cfg.out_dir}: starting fresh")
+    step, samples, skipped = start(cfg, net, ema, opt, master)
     if ddp:  # every rank must start at the same step: with several nodes, out_dir must be on storage they share
         agreed = torch.tensor([step, -step], device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
@@ -361,75 +380,21 @@ def train(cfg):
     flops_at = {m: flops_per_image(mcfg, m, caption_len=index["text_shape"][0]) for m in (cfg.mask_ratio, 0.0)}
     peak = cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     if master:
-        total = sum(flops_at[mask_at(s)] for s in range(step, cfg.max_steps)) * cfg.batch_size
-        unmasked = f", the last {cfg.unmasked_steps} steps unmasked" if cfg.unmasked_steps and cfg.mask_ratio else ""
-        print(f"model {cfg.model}: {num_params(net):,} parameters, {flops_at[cfg.mask_ratio] / 1e9:.2f} training "
-              f"GFLOPs per image at mask ratio {cfg.mask_ratio}{unmasked}; device {device}{' bf16' if bf16 else ''}, "
-              f"peak {peak / 1e12:.2f} TFLOP/s (measured matmul)")
-        print(f"this run: {total:.2e} training FLOPs, {gpu_hours(total):.2g} H100-hours = ${dollars(gpu_hours(total)):.2g} "
-              f"at {DEFAULT_MFU:.0%} MFU and ${PRICE_PER_GPU_HOUR}/hour (scaling.py)")
-        print(f"batch {cfg.batch_size} = {world} ranks x {grad_accum} accumulation x {micro_batch} micro-batch; "
-              f"{lanes} data lanes")
-
-    # Each global batch is `lanes` blocks of batch_size/lanes records, block l from shard stream l (its own shards).
-    # Rank r reads lanes [r, r+1) * lanes/world: its contiguous 1/world of every global batch, from its own shards
-    # only. A fixed data_lanes gives the same global batches on every world size that divides it.
-    per_lane = cfg.batch_size // lanes
-    # the loaders get their own generator: drawing their seed from the global RNG would shift a resumed run's noise
-    loaders = [iter(torch.utils.data.DataLoader(
-        data.ShardStream(cfg.data_dir, seed=cfg.seed, rank=lane, world_size=lanes, shuffle_buffer=cfg.shuffle_buffer,
-                         start=samples // lanes, batch_size=per_lane),
-        batch_size=per_lane, num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals,
-        generator=torch.Generator().manual_seed(cfg.seed)))
-        for lane in range(rank * lanes // world, (rank + 1) * lanes // world)]
+        print_plan(cfg, net, flops_at, mask_at, step, device, bf16, peak, world, grad_accum, micro_batch, lanes)
+    loaders = make_loaders(cfg, rank, world, lanes, samples)
     model = torch.compile(net) if cfg.compile else net  # compile after .to(device), before the DDP wrap
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    D = Denoiser(model, cfg.sigma_data)
 
-    # --- helpers ---------------------------------------------------------------------------------
     val = data.load_all(os.path.join(cfg.data_dir, "val")) if data.has_split(cfg.data_dir, "val") else None
-    eval_prompts = data.heldout_captions(cfg.eval_n) if meta.get("dataset") == "shapes" else []
+    prompts = shapes.heldout_captions(cfg.eval_n) if meta.get("dataset") == "shapes" else []
     # the checkpoint names the frozen encoders its data was made with, so sample.py can rebuild them
     text_encoder = meta.get("text_encoder") or {"type": "builtin", "dim": meta["text_dim"], "max_len": meta["max_len"]}
     extra = {"text_encoder": text_encoder, "latents": meta.get("latents") or {"type": meta.get("latent", "pixels")},
-             "train": asdict(cfg), "eval_prompts": eval_prompts}
+             "sigma_data": cfg.sigma_data, "train": asdict(cfg), "eval_prompts": prompts}
+    state = lambda: {"step": step, "samples": samples, "skipped": skipped, "config": asdict(cfg)}
 
-    @torch.no_grad()
-    def evaluate():
-        """Validation loss at mask ratio 0, and held-out captions sampled and scored."""
-        with torch.random.fork_rng():  # evaluation must not shift the training RNG stream
-            torch.manual_seed(1234)
-            net_eval = ema or net
-            results = {}
-            if val is not None and cfg.val_n > 0:
-                x, y = val["latent"][:cfg.val_n].to(device), val["text"][:cfg.val_n].to(device)
-                losses = [edm_loss(net_eval, x[i:i + 64], y[i:i + 64], 0.0, cfg.P_mean, cfg.P_std, cfg.sigma_data)
-                          for i in range(0, len(x), 64)]
-                results["val_loss"] = float(torch.stack(losses).mean())
-            if eval_prompts:
-                images = generate(net_eval, extra, eval_prompts, seed=0, steps=cfg.eval_steps,
-                                  guidance=cfg.eval_guidance, progress=False)
-                image_grid(images[:64], cols=8).save(os.path.join(cfg.out_dir, f"samples-{step:07d}.png"))
-                results.update({f"acc_{k}": v for k, v in data.score(images, eval_prompts).items()})
-        return results
-
-    def save_checkpoint():
-        if not all(torch.isfinite(p).all() for p in net.parameters()):
-            raise RuntimeError(f"step {step}: non-finite weights; not writing a checkpoint")
-        path = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
-        with atomic_dir(path) as tmp:
-            save_pretrained(tmp, net, ema, extra)
-            save_train_state(tmp, opt, {"step": step, "samples": samples, "skipped": skipped, "config": asdict(cfg)})
-        old = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
-        for d in old[:-cfg.keep_ckpts]:
-            shutil.rmtree(os.path.join(cfg.out_dir, d))
-        return path
-
-    def log(record):
-        with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    # --- the loop --------------------------------------------------------------------------------
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     stop = []  # SIGTERM / SIGINT: finish this step, checkpoint, exit 0
@@ -448,19 +413,17 @@ def train(cfg):
         batches = [next(it) for it in loaders]
         x = torch.cat([b["latent"] for b in batches]).to(device)  # (batch_size / world, C, H, W): this rank's part
         y = torch.cat([b["text"] for b in batches]).to(device)  # (batch_size / world, L, Dy)
-        sigma = sample_sigma(cfg.batch_size, cfg.P_mean, cfg.P_std, device, generator=gen)  # (batch_size,)
-        noise = torch.randn((cfg.batch_size, *x.shape[1:]), device=device, generator=gen)
-        keep = torch.rand(cfg.batch_size, device=device, generator=gen) >= cfg.caption_dropout  # else zero caption
+        sigma, noise, keep = training_noise(cfg.batch_size, x.shape[1:], cfg.P_mean, cfg.P_std, cfg.caption_dropout,
+                                            device, gen)  # (batch_size,), (batch_size, C, H, W), (batch_size,)
         part = slice(rank * len(x), (rank + 1) * len(x))
-        sigma, noise, y = sigma[part], noise[part], y * keep[part].reshape(-1, 1, 1).to(y.dtype)
+        sigma, noise, y = sigma[part], noise[part], drop_captions(y, keep[part])
         loss = torch.zeros((), device=device)
         for i in range(0, len(x), micro_batch):
             mb = slice(i, i + micro_batch)
             sync = i + micro_batch == len(x) or not ddp  # all-reduce gradients on the last micro-batch only
             with (contextlib.nullcontext() if sync else model.no_sync()), \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                micro_loss = edm_loss(model, x[mb], y[mb], mask_at(step), sigma_data=cfg.sigma_data,
-                                      sigma=sigma[mb], noise=noise[mb])
+                micro_loss = edm_loss(D, x[mb], y[mb], sigma[mb], noise[mb], mask_at(step))
                 (micro_loss / grad_accum).backward()
             loss += micro_loss.detach() / grad_accum
         bad = ~loss.isfinite()
@@ -482,10 +445,8 @@ def train(cfg):
         else:
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if ema is not None:  # EMA warm-up: early weights are forgotten quickly
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                for pe, p in zip(ema.parameters(), net.parameters()):
-                    pe.lerp_(p.detach(), 1 - decay)
+            if ema is not None:
+                update_ema(ema, net, step, cfg.ema_decay)
             loss_sum, n_ok, bad_in_row = loss_sum + loss, n_ok + 1, 0
         flops_log += flops_at[mask_at(step)] * cfg.batch_size
         step += 1
@@ -500,40 +461,46 @@ def train(cfg):
             dt = (time.perf_counter() - t_log) / n_log
             if master:
                 ips = cfg.batch_size / dt
-                print(f"step {step:6d} | loss {loss_avg.item():.4f} | lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms/step "
-                      f"| {ips:.0f} img/s | MFU {flops_log / (dt * n_log) / world / peak:.1%}"
+                print(f"step {step:6d} | loss {loss_avg.item():.4f} | lr {lr_at(step - 1, cfg):.2e} | "
+                      f"{dt * 1000:.0f} ms/step | {ips:.0f} img/s | MFU {flops_log / (dt * n_log) / world / peak:.1%}"
                       + (f" | skipped {skipped}" if skipped else ""), flush=True)
-                log({"step": step, "loss": loss_avg.item(), "ms_per_step": dt * 1000, "img_per_s": ips,
-                     "skipped": skipped})
+                log(cfg, {"step": step, "loss": loss_avg.item(), "ms_per_step": dt * 1000, "img_per_s": ips,
+                          "skipped": skipped})
             t_log, loss_sum, n_ok, n_log, flops_log = time.perf_counter(), 0.0, 0, 0, 0.0
         if master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            results = evaluate()
+            results = evaluate(cfg, ema or net, val, prompts, extra, step, device)
             print(f"step {step:6d} | eval " + " ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
-            log({"step": step, **results})
+            log(cfg, {"step": step, **results})
             t_log = time.perf_counter()
         if master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping):
-            save_checkpoint()
+            save_checkpoint(cfg, net, ema, opt, extra, state())
             t_log = time.perf_counter()
 
     for sig, handler in handlers.items():  # signals act as usual again
         signal.signal(sig, handler)
     if master:
-        train_s = time.perf_counter() - t_start
-        if stopping:
-            print(f"stopped by signal at step {step}; checkpoint written, resume with --resume=auto", flush=True)
-        else:
-            final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
-            if not os.path.isdir(final):  # --max_steps=0: the initial weights are the result
-                save_checkpoint()
-            results = evaluate()
-            print(f"done: {step} steps ({step - step_start} here) in {train_s:.0f}s | final "
-                  + " ".join(f"{k} {v:.3f}" for k, v in results.items()))
-            log({"step": step, "final": True, "train_s": train_s, **results})
-            add_results(final, results)  # the model card states what was measured
-            if cfg.push_to_hub:
-                print(f"uploaded {final} to the Hub: {push_to_hub(final, cfg.push_to_hub)}")
+        finish(cfg, net, ema, opt, val, prompts, extra, state(), stopping, time.perf_counter() - t_start,
+               step - step_start, device)
     if ddp:
         dist.destroy_process_group()
+
+
+def finish(cfg, net, ema, opt, val, prompts, extra, state, stopped, train_s, steps_here, device):
+    """The end of a run on rank 0: the final evaluation, recorded in the log and the model card, and the upload."""
+    step = state["step"]
+    if stopped:
+        print(f"stopped by signal at step {step}; checkpoint written, resume with --resume=auto", flush=True)
+        return
+    final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
+    if not os.path.isdir(final):  # --max_steps=0: the initial weights are the result
+        save_checkpoint(cfg, net, ema, opt, extra, state)
+    results = evaluate(cfg, ema or net, val, prompts, extra, step, device)
+    print(f"done: {step} steps ({steps_here} here) in {train_s:.0f}s | final "
+          + " ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    log(cfg, {"step": step, "final": True, "train_s": train_s, **results})
+    add_results(final, results)  # the model card states what was measured
+    if cfg.push_to_hub:
+        print(f"uploaded {final} to the Hub: {push_to_hub(final, cfg.push_to_hub)}")
 
 
 if __name__ == "__main__":

@@ -1,179 +1,23 @@
-"""Tests of data.py: shapes dataset and scorer, built-in text encoder, latent shards, streaming (local and Hub)."""
+"""Tests of data.py: latent shards, the streaming reader (local and from a Hub dataset), and the shapes command."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
-import zlib
 
 import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from scipy import ndimage
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import data  # noqa: E402
-from data import Obj  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def dataset_images():
-    """300 training scenes at 32px, their captions and uint8 images (N, 32, 32, 3)."""
-    scenes = [data.train_scene(123, i) for i in range(300)]
-    return scenes, [data.caption(s) for s in scenes], np.stack([np.asarray(data.render(s)) for s in scenes])
-
-# -----------------------------------------------------------------------------
-# shapes dataset
-
-
-def test_caption_round_trip():
-    for i in range(500):
-        scene = data.train_scene(0, i)
-        assert data.parse_caption(data.caption(scene)) == scene
-    text = "a small red circle on the left and a large blue square at the bottom"
-    assert data.parse_caption(text) == (Obj("circle", "red", "left", "small"), Obj("square", "blue", "bottom", "large"))
-    assert data.parse_caption("A Large Cyan Triangle in the center.") == (Obj("triangle", "cyan", "center", "large"),)
-    for bad in ["a red circle on the left", "a small pink circle on the left", "", "a small red circle"]:
-        with pytest.raises(ValueError, match="caption"):
-            data.parse_caption(bad)
-
-
-@pytest.mark.parametrize("shape, fraction", [("square", 1.0), ("circle", np.pi / 4), ("triangle", 0.5)])
-def test_render_matches_geometry(shape, fraction):
-    # Closed forms, not the scorer: the object's coverage (red channel / palette red) sums to its
-    # area, its bounding box is where POSITIONS and SIZES put it, and it is drawn in its palette colour.
-    for res in (16, 32, 64):
-        img = np.asarray(data.render((Obj(shape, "red", "left", "large"),), res)).astype(np.float64)
-        side = data.SIZES["large"] * res
-        assert img.shape == (res, res, 3)
-        assert abs(img[..., 0].sum() / 235 - fraction * side**2) < 0.04 * side**2
-        ys, xs = np.nonzero(img[..., 0] > 235 / 2)
-        x0, y0 = (data.POSITIONS["left"][0] - data.SIZES["large"] / 2) * res, (0.5 - data.SIZES["large"] / 2) * res
-        assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - (x0 + side)) <= 1
-        assert abs(ys.min() - y0) <= 1 and abs(ys.max() + 1 - (y0 + side)) <= 1
-        inside = img[ys, xs]
-        assert np.abs(np.median(inside, 0) - data.COLOURS["red"]).max() < 20
-        assert img[:, int(x0 + side) + 3 :].max() == 0  # background beyond the LANCZOS kernel (3 pixels)
-
-
-def test_objects_never_overlap_and_differ(dataset_images):
-    scenes, _, images = dataset_images
-    two = [s for s in scenes if len(s) == 2]
-    assert 0.35 < len(two) / len(scenes) < 0.65  # one or two objects, equally likely
-    for a, b in two:
-        assert a.colour != b.colour and a.position != b.position
-        # Pixels at least half covered by one object are at least a pixel away from the other's.
-        one_a, one_b = (np.asarray(data.render((o,))).max(-1) > 235 / 2 for o in (a, b))
-        assert not (ndimage.binary_dilation(one_a, np.ones((3, 3))) & one_b).any()
-
-
-def test_determinism():
-    scenes = [data.train_scene(7, i) for i in range(50)]
-    assert scenes == [data.train_scene(7, i) for i in range(50)]
-    assert scenes != [data.train_scene(8, i) for i in range(50)]
-    assert data.render(scenes[3]).tobytes() == data.render(scenes[3]).tobytes()
-    assert data.heldout_captions(40, seed=1) == data.heldout_captions(40, seed=1)
-    assert data.heldout_captions(40, seed=1) != data.heldout_captions(40, seed=2)
-
-
-def test_heldout_never_in_training():
-    heldout = [data.parse_caption(c) for c in data.heldout_captions(1000)]
-    assert all(len(s) == 2 and data.is_heldout(s) for s in heldout)
-    assert all(data.is_heldout(s[::-1]) for s in heldout)  # "A and B" is held out exactly when "B and A" is
-    canonical = [data.caption(sorted(s)) for s in heldout]
-    distinct = len(set(canonical))
-    assert 300 < distinct < 1000 and len(set(canonical[:distinct])) == distinct  # each scene once, then repeats
-    # The unfiltered sampler does draw held-out scenes, so the filter has work to do ...
-    rng = np.random.default_rng(0)
-    raw = [data.sample_scene(rng) for _ in range(3000)]
-    assert 0.03 < np.mean([data.is_heldout(s) for s in raw]) < 0.1
-    assert any(data.caption(sorted(s)) in set(canonical) for s in raw)
-    # ... and the training generator never emits one.
-    train = [data.train_scene(0, i) for i in range(3000)]
-    assert not any(data.is_heldout(s) or data.caption(sorted(s)) in set(canonical) for s in train)
-
-
-# -----------------------------------------------------------------------------
-# scorer
-
-
-def test_scorer_on_dataset_images(dataset_images):
-    _, captions, images = dataset_images
-    result = data.score(images, captions)
-    assert all(result[k] >= 0.99 for k in ("shape", "colour", "position", "count", "mean")), result
-    pil_images = [Image.fromarray(x) for x in images[:50]]
-    assert data.score(pil_images, captions[:50]) == data.score(images[:50], captions[:50])
-    # Mild blur and noise, as in generated samples.
-    noisy = ndimage.gaussian_filter(images.astype(np.float32), (0, 0.6, 0.6, 0))
-    noisy += np.random.default_rng(0).normal(0, 10, noisy.shape)
-    result = data.score(np.clip(noisy, 0, 255).astype(np.uint8), captions)
-    assert all(result[k] >= 0.97 for k in ("shape", "colour", "position")), result
-
-
-def test_scorer_fails_on_wrong_images(dataset_images):
-    _, captions, images = dataset_images
-    shuffled = data.score(images, list(np.random.default_rng(0).permutation(captions)))
-    assert shuffled["shape"] < 0.5 and shuffled["colour"] < 0.5 and shuffled["mean"] < 0.5, shuffled
-    blank = data.score(np.zeros_like(images), captions)
-    assert blank["mean"] == 0 and blank["count"] == 0
-    noise = data.score(np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8), captions)
-    assert noise["colour"] < 0.3 and noise["mean"] < 0.5, noise
-    with pytest.raises(ValueError, match="uint8"):
-        data.score(images.astype(np.float32), captions)
-
-
-@pytest.mark.parametrize("attr", ["shape", "colour", "position"])
-def test_scorer_blames_the_wrong_attribute(attr):
-    # Draw each single-object caption with one attribute changed: only that attribute may score low.
-    names = {"shape": data.SHAPES, "colour": list(data.COLOURS), "position": list(data.POSITIONS)}[attr]
-    scenes = [s for s in (data.train_scene(5, i) for i in range(200)) if len(s) == 1][:60]
-    wrong = [(s[0]._replace(**{attr: names[(names.index(getattr(s[0], attr)) + 1) % len(names)]}),) for s in scenes]
-    result = data.score(np.stack([np.asarray(data.render(s)) for s in wrong]), [data.caption(s) for s in scenes])
-    assert result[attr] == 0, result
-    assert all(result[k] >= 0.99 for k in ("shape", "colour", "position") if k != attr), result
-
-# -----------------------------------------------------------------------------
-# built-in text encoder
-
-
-def test_text_encoder():
-    enc = data.BuiltinTextEncoder(dim=64, max_len=24)
-    out = enc(["a small red circle on the left", "A SMALL RED CIRCLE, on the left!"])
-    assert out.shape == (2, 24, 64) and out.dtype == torch.float32 and (enc.dim, enc.max_len) == (64, 24)
-    assert torch.equal(out[0], out[1])  # lower-cased words; punctuation is not a token
-    assert torch.equal(out, data.BuiltinTextEncoder(64, 24)(["a small red circle on the left"] * 2))
-    assert torch.equal(out[0, 7:], enc.pad.expand(17, 64))  # 7 words, then padding
-    # Word vectors are seeded by crc32 of the word (not hash(), which changes between processes), plus
-    # a sinusoidal position code; padding is the vector of "<pad>".
-    # plus the causal context: 0.7^k times the 'ctx:' vector of the word k + 1 places back
-    vector = lambda word: np.random.RandomState(zlib.crc32(word)).standard_normal(64)
-    assert np.allclose(out[0, 0] - enc.pos[0], vector(b"a"), atol=1e-6)
-    assert np.allclose(out[0, 2] - enc.pos[2], vector(b"red") + vector(b"ctx:small") + 0.7 * vector(b"ctx:a"),
-                       atol=1e-5)
-    plain = data.BuiltinTextEncoder(64, 24, context=0.0)(["a small red circle on the left"])
-    assert np.allclose(plain[0, 2] - enc.pos[2], vector(b"red"), atol=1e-6)
-    # with the context, 'circle' says which colour came before it; without, the two captions' 'circle' tokens agree
-    swap = ["a red circle and a blue square", "a blue circle and a red square"]
-    assert not torch.equal(*enc(swap)[:, 2]) and torch.equal(*data.BuiltinTextEncoder(64, 24, 0.0)(swap)[:, 2])
-    assert data.text_encoder_from_spec({"type": "builtin", "dim": 64, "max_len": 24}).context == 0  # older specs
-    assert data.text_encoder_from_spec(enc.spec).context == 0.7
-    assert np.allclose(enc.pad, vector(b"<pad>"), atol=1e-6)
-    angles = torch.arange(24.0)[:, None] / 1e4 ** (torch.arange(0, 64, 2) / 64)  # (L, D/2)
-    assert torch.allclose(enc.pos, torch.stack([angles.sin(), angles.cos()], -1).flatten(1), atol=1e-5)
-    assert not torch.equal(enc(["a red circle"]), enc(["a red square"]))
-    long = " ".join(f"w{i}" for i in range(40))
-    assert torch.equal(enc([long]), enc([" ".join(long.split()[:24])]))  # truncated to max_len words
-    for bad in ["", "   ", "?!"]:
-        with pytest.raises(ValueError, match=re.escape(f"caption 1 has no words: {bad!r}")):
-            enc(["a red circle", bad])
-
+import checkpoint
+import data
+import shapes
+from conftest import ROOT, hub_cache
+from encoders import latent_to_image, latents_to_images, text_encoder_from_spec, vae_from_spec
 
 # -----------------------------------------------------------------------------
 # latent shards
@@ -334,9 +178,6 @@ def test_stream_too_few_shards(stream_root):
 # streaming from a Hub dataset repo: huggingface_hub's cache laid out by hand, offline
 
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """An empty HF cache in HF_HUB_OFFLINE mode (huggingface_hub reads both settings at call time)."""
@@ -345,26 +186,18 @@ def offline_hub(tmp_path, monkeypatch):
     return tmp_path / "hub"
 
 
-def add_to_hub_cache(cache, repo_id, src, subdir):
-    """Put folder `src` into `cache` as `subdir` of snapshot COMMIT of dataset repo `repo_id` (refs/main -> COMMIT)."""
-    repo = cache / ("datasets--" + repo_id.replace("/", "--"))
-    shutil.copytree(src, repo / "snapshots" / COMMIT / subdir)
-    os.makedirs(repo / "refs", exist_ok=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-
-
 def test_stream_from_hub_dataset(offline_hub, tmp_path, monkeypatch):
     root = write_records(str(tmp_path / "ds"), 24)
-    add_to_hub_cache(offline_hub, "test/latents", root, "train")
+    hub_cache(offline_hub, "test/latents", root, repo_type="dataset", subdir="train")
     hub = "hf://datasets/test/latents/train"
     assert data.read_index(hub) == data.read_index(root)
     assert data.has_split("hf://datasets/test/latents", "train") and not data.has_split(hub, "val")
-    real, fetched = data.hf_hub_download, []
+    real, fetched = checkpoint.hf_hub_download, []
 
     def download(*args, **kw):  # the real download, recorded
         fetched.append((kw["subfolder"], args[1], kw["repo_type"], threading.current_thread().name))
         return real(*args, **kw)
-    monkeypatch.setattr(data, "hf_hub_download", download)
+    monkeypatch.setattr(checkpoint, "hf_hub_download", download)
     hub_everything = data.load_all(hub)
     local_everything = data.load_all(root)
     assert all(torch.equal(hub_everything[k], local_everything[k]) for k in ("latent", "text"))
@@ -383,7 +216,7 @@ def test_stream_from_hub_dataset(offline_hub, tmp_path, monkeypatch):
         if second <= {f[1] for f in fetched}:
             second_fetched.set()
         return path
-    monkeypatch.setattr(data, "hf_hub_download", download_and_tell)
+    monkeypatch.setattr(checkpoint, "hf_hub_download", download_and_tell)
     it = iter(stream)
     next(it)  # one record of the first group taken, 7 left
     assert second_fetched.wait(timeout=60)
@@ -397,8 +230,8 @@ def test_hub_errors(offline_hub):
     for bad in ("hf://test/latents", "hf://datasets/test", "hf://datasets//x"):
         with pytest.raises(ValueError, match="expected a local folder or hf://datasets/USER/NAME"):
             data.read_index(bad)
-    assert data.parse_hub_root("hf://datasets/u/n@v1.0/a/b") == ("u/n", "v1.0", "a/b")
-    assert data.parse_hub_root("hf://datasets/u/n/") == ("u/n", None, None)
+    assert checkpoint.parse_hub_root("hf://datasets/u/n@v1.0/a/b") == ("u/n", "v1.0", "a/b")
+    assert checkpoint.parse_hub_root("hf://datasets/u/n/") == ("u/n", None, None)
 
 # -----------------------------------------------------------------------------
 # the shapes command
@@ -412,11 +245,11 @@ def test_shapes_command(tmp_path):
     assert index["count"] == 300 and [s["count"] for s in index["shards"]] == [128, 128, 44]
     assert index["latent_shape"] == [3, 32, 32] and index["text_shape"] == [24, 64]
     train, val = data.load_all(out), data.load_all(os.path.join(out, "val"))
-    assert train["caption"] == [data.caption(data.train_scene(2, i)) for i in range(300)]
-    assert val["caption"] == data.heldout_captions(40, seed=2)
+    assert train["caption"] == [shapes.caption(shapes.train_scene(2, i)) for i in range(300)]
+    assert val["caption"] == shapes.heldout_captions(40, seed=2)
     assert train["latent"].min() == -1 and train["latent"].max() <= 1
-    assert torch.equal(train["text"], data.BuiltinTextEncoder(64, 24)(train["caption"]).half().float())
-    result = data.score(data.latent_to_image(val["latent"]), val["caption"])
+    assert torch.equal(train["text"], shapes.BuiltinTextEncoder(64, 24)(train["caption"]).half().float())
+    result = shapes.score(latent_to_image(val["latent"]), val["caption"])
     assert result["mean"] >= 0.99, result
     # Asking again for the same dataset reuses it; asking for another one in the same place is an error.
     mtime = os.path.getmtime(os.path.join(out, "index.json"))
@@ -434,16 +267,16 @@ def test_shapes_meta_names_its_encoders_and_old_versions_are_rewritten(tmp_path,
     assert meta["latents"] == {"type": "pixels"}
     assert (meta["text_dim"], meta["max_len"], meta["latent"]) == (16, 12, "pixels")  # kept for older readers
     everything = data.load_all(out)
-    assert torch.equal(data.text_encoder_from_spec(meta["text_encoder"])(everything["caption"]).half().float(),
+    assert torch.equal(text_encoder_from_spec(meta["text_encoder"])(everything["caption"]).half().float(),
                        everything["text"])
-    images = data.latents_to_images(everything["latent"][:5], meta["latents"])
-    assert all(np.array_equal(im, np.asarray(data.render(data.train_scene(0, i), 16))) for i, im in enumerate(images))
+    images = latents_to_images(everything["latent"][:5], meta["latents"])
+    assert all(np.array_equal(im, np.asarray(shapes.render(shapes.train_scene(0, i), 16))) for i, im in enumerate(images))
     plain = str(tmp_path / "plain")  # without the causal context: the same images, the older encoder's features
     data.make_shapes_dataset(plain, 20, res=16, val=8, text_dim=16, max_len=12, context=0.0)
     assert data.read_index(plain)["meta"]["text_encoder"]["context"] == 0.0
-    without = data.BuiltinTextEncoder(16, 12, 0.0)(everything["caption"]).half().float()
+    without = shapes.BuiltinTextEncoder(16, 12, 0.0)(everything["caption"]).half().float()
     assert torch.equal(data.load_all(plain)["text"], without) and not torch.equal(without, everything["text"])
-    assert data.vae_from_spec(meta["latents"]) is None
+    assert vae_from_spec(meta["latents"]) is None
     # A dataset written by an older data.py (here: without the encoder specs) for the same request is rewritten
     index_path = os.path.join(out, "index.json")
     index = json.load(open(index_path))
@@ -457,4 +290,4 @@ def test_shapes_meta_names_its_encoders_and_old_versions_are_rewritten(tmp_path,
     assert data.read_index(out)["meta"] == meta and data.read_index(os.path.join(out, "val"))["meta"]["latents"]
     assert data.load_all(out)["caption"] == everything["caption"]
     with pytest.raises(ValueError, match="unknown text encoder spec"):
-        data.text_encoder_from_spec({"type": "t5"})
+        text_encoder_from_spec({"type": "t5"})

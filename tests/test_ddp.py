@@ -11,9 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from conftest import ENV, ROOT
 
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -25,14 +23,14 @@ def args(tmp_path, out, **kw):
                data_lanes=2, max_steps=4, warmup_steps=2, log_every=1, ckpt_every=1000, eval_n=0, val_n=16,
                peak_flops=1e12, threads=1, out_dir=tmp_path / out, unmasked_steps=0)
     cfg.update(kw)
-    return [os.path.join(ROOT, "train.py")] + [f"--{k}={v}" for k, v in cfg.items()]
+    return [str(ROOT / "train.py")] + [f"--{k}={v}" for k, v in cfg.items()]
 
 
 def torchrun(argv):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + argv
 
 
-def run(cmd):
+def run_cmd(cmd):
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout
@@ -50,8 +48,8 @@ def dataset(tmp_path):
 
 def test_two_ranks_match_one_process(tmp_path, dataset):
     # mask ratio 0: the token masks are drawn inside the model from a per-rank RNG (see train.py)
-    run([sys.executable] + args(tmp_path, "single", mask_ratio=0.0))  # 1 rank x 2 accumulation x 4
-    out = run(torchrun(args(tmp_path, "ddp", mask_ratio=0.0)))  # 2 ranks x 1 accumulation x 4
+    run_cmd([sys.executable] + args(tmp_path, "single", mask_ratio=0.0))  # 1 rank x 2 accumulation x 4
+    out = run_cmd(torchrun(args(tmp_path, "ddp", mask_ratio=0.0)))  # 2 ranks x 1 accumulation x 4
     assert "batch 8 = 2 ranks x 1 accumulation x 4 micro-batch" in out
     one, two = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert len(one) == len(two) == 4 and one[0] != one[-1]
@@ -90,8 +88,8 @@ def test_signal_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path, dataset):
     assert 3 <= k < 300 and sorted(os.listdir(tmp_path / "stopped")) == [f"ckpt-{k:07d}", "log.jsonl"]
 
     # resuming on 2 ranks ends bitwise where an uninterrupted 2-rank run ends
-    run(torchrun(args(tmp_path, "stopped", max_steps=k + 2, lr_schedule="constant", resume="auto")))
-    run(torchrun(args(tmp_path, "straight", max_steps=k + 2, lr_schedule="constant")))
+    run_cmd(torchrun(args(tmp_path, "stopped", max_steps=k + 2, lr_schedule="constant", resume="auto")))
+    run_cmd(torchrun(args(tmp_path, "straight", max_steps=k + 2, lr_schedule="constant")))
     for name in ("model.safetensors", "state.safetensors"):
         a = load_file(tmp_path / "stopped" / f"ckpt-{k + 2:07d}" / name)
         b = load_file(tmp_path / "straight" / f"ckpt-{k + 2:07d}" / name)

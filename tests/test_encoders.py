@@ -1,22 +1,20 @@
-"""Parity of the frozen encoders in data.py with diffusers, transformers and open_clip (random weights, CPU)."""
+"""Parity of the frozen encoders in encoders.py with diffusers, transformers and open_clip (random weights, CPU)."""
 import gzip
 import importlib.util
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import unicodedata
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
+import encoders
+from checkpoint import load_state_dict, read_weights
+from conftest import ROOT, hub_cache
 
 torch.set_num_threads(1)
 TOL = 1e-4  # max abs difference allowed against the reference libraries (issue acceptance 1)
@@ -61,7 +59,7 @@ def tiny_diffusers_vae(name, seed=0):
 def test_vae_matches_diffusers(name, tmp_path):
     ref = tiny_diffusers_vae(name)
     ref.save_pretrained(tmp_path / "vae")  # as on the Hub: <repo>/vae/config.json, diffusion_pytorch_model.safetensors
-    vae = data.load_vae(str(tmp_path))  # default subfolder "vae"
+    vae = encoders.load_vae(str(tmp_path))  # default subfolder "vae"
     cfg = VAE_CONFIGS[name]
     sf, shift = cfg["scaling_factor"], cfg.get("shift_factor") or 0.0
     assert vae.latent_channels == cfg["latent_channels"] and vae.scaling_factor == sf
@@ -97,7 +95,7 @@ def test_vae_full_size_key_layout(cfg):
     full = dict(cfg, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                 in_channels=3, out_channels=3, act_fn="silu", norm_num_groups=32, sample_size=512)
     with torch.device("meta"):
-        ref, ours = diffusers.AutoencoderKL(**full), data.AutoencoderKL(full)
+        ref, ours = diffusers.AutoencoderKL(**full), encoders.AutoencoderKL(full)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
 
 
@@ -117,7 +115,7 @@ def test_vae_loader_checks_keys_and_reads_legacy_attention_names(tmp_path):
     save_file(legacy, path)
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        assert max_diff(data.load_vae(str(tmp_path), subfolder=None).encode(x, sample=False),
+        assert max_diff(encoders.load_vae(str(tmp_path), subfolder=None).encode(x, sample=False),
                         ref.encode(x).latent_dist.mean * 0.13025) < TOL
     # a missing key, an unexpected key and a wrong shape are all named
     bad = dict(sd)
@@ -126,10 +124,10 @@ def test_vae_loader_checks_keys_and_reads_legacy_attention_names(tmp_path):
     bad["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
     save_file(bad, path)
     with pytest.raises(ValueError, match=r"decoder\.conv_out\.bias.*encoder\.extra\.weight.*quant_conv\.weight"):
-        data.load_vae(str(tmp_path), subfolder=None)
+        encoders.load_vae(str(tmp_path), subfolder=None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        data.load_vae(str(tmp_path / "empty"))
+        encoders.load_vae(str(tmp_path / "empty"))
 
 # -----------------------------------------------------------------------------
 # CLIP text transformer vs transformers.CLIPTextModel, and the open_clip layout
@@ -137,7 +135,7 @@ def test_vae_loader_checks_keys_and_reads_legacy_attention_names(tmp_path):
 
 def write_tiny_vocab(folder, pad_token=None):
     """A 516-token byte-level vocabulary in HF format (bytes, bytes+</w>, 2 merges, start/end) plus its merges."""
-    units = list(data._byte_to_unicode().values())
+    units = list(encoders._byte_to_unicode().values())
     merges = [("t", "h"), ("th", "e</w>")]
     tokens = units + [u + "</w>" for u in units] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -178,7 +176,7 @@ def test_clip_text_matches_transformers(act, layout, tmp_path):
         sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
         sd["text_projection.weight"] = torch.randn(32, 64)  # CLIPTextModelWithProjection: unused by the features
         save_file(sd, tmp_path / "model.safetensors")
-    enc = data.load_text_encoder(str(tmp_path))
+    enc = encoders.load_text_encoder(str(tmp_path))
     ids = hf_ids(tmp_path, TINY_CAPTIONS)
     assert torch.equal(enc.tokenizer(TINY_CAPTIONS), ids)
     assert ids[0, -1] == V - 1  # HF family: padded with its pad_token, here <|endoftext|>
@@ -235,7 +233,7 @@ def test_open_clip_layout(act, fmt, tmp_path):
     V = write_tiny_vocab(tmp_path / "hf")
     ref = tiny_clip(act, V)
     write_open_clip_repo(tmp_path / "oc", ref, act, fmt)
-    enc = data.load_text_encoder(str(tmp_path / "oc"))
+    enc = encoders.load_text_encoder(str(tmp_path / "oc"))
     ids = open_clip_padded(hf_ids(tmp_path / "hf", TINY_CAPTIONS), eot=V - 1)
     assert torch.equal(enc.tokenizer(TINY_CAPTIONS), ids) and ids[0, -1] == 0  # open_clip family pads with 0
     with torch.no_grad():
@@ -246,7 +244,7 @@ def test_open_clip_layout(act, fmt, tmp_path):
     cfg["model_cfg"]["quick_gelu"] = act != "quick_gelu"
     cfg_path.write_text(json.dumps(cfg))
     with torch.no_grad():
-        assert max_diff(data.load_text_encoder(str(tmp_path / "oc"))(TINY_CAPTIONS), enc(TINY_CAPTIONS)) > 1e-3
+        assert max_diff(encoders.load_text_encoder(str(tmp_path / "oc"))(TINY_CAPTIONS), enc(TINY_CAPTIONS)) > 1e-3
 
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
@@ -257,10 +255,10 @@ def test_full_size_text_layouts(act):
                                       num_attention_heads=16, hidden_act=act)
     with torch.device("meta"):
         hf_sd = transformers.CLIPTextModel(cfg).state_dict()
-        ours = data.CLIPTextTransformer(width=1024, heads=16, layers=24, mlp_width=4096, act=act)
-    for sd in (data.hf_to_open_clip(hf_sd), open_clip_state_dict(hf_sd, embed_dim=1024)):
-        sd = {k: v for k, v in sd.items() if not k.startswith(data._UNUSED)}
-        data._load_into(ours, sd, "meta")
+        ours = encoders.CLIPTextTransformer(width=1024, heads=16, layers=24, mlp_width=4096, act=act)
+    for sd in (encoders.hf_to_open_clip(hf_sd), open_clip_state_dict(hf_sd, embed_dim=1024)):
+        sd = {k: v for k, v in sd.items() if not k.startswith(encoders._UNUSED)}
+        load_state_dict(ours, sd, "meta", assign=True)
     D = 1024  # closed form: embeddings, 24 blocks of (12 D^2 + 13 D) (4x MLP, biases, two LayerNorms), ln_final
     assert sum(p.numel() for p in ours.parameters()) == 49408 * D + 77 * D + 24 * (12 * D * D + 13 * D) + 2 * D
 
@@ -274,16 +272,16 @@ def test_text_loader_errors(tmp_path):
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing .*transformer\.resblocks\.1\.attn\.in_proj_weight.*"
                                          r"unexpected .*encoder\.layers\.1\.self_attn\.q_proj\.weight"):
-        data.load_text_encoder(str(tmp_path))
+        encoders.load_text_encoder(str(tmp_path))
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, hidden_act="relu")))
     with pytest.raises(ValueError, match="relu"):
-        data.load_text_encoder(str(tmp_path))
+        encoders.load_text_encoder(str(tmp_path))
     os.remove(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
-        data.load_text_encoder(str(tmp_path))
+        encoders.load_text_encoder(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no such local folder or Hub repo"):
-        data.load_text_encoder(str(tmp_path / "does" / "not" / "exist"))
+        encoders.load_text_encoder(str(tmp_path / "does" / "not" / "exist"))
 
 
 class NotATensor:
@@ -292,8 +290,8 @@ class NotATensor:
 
 def test_bin_files_load_tensors_only(tmp_path):
     torch.save({"w": torch.zeros(2), "obj": NotATensor()}, tmp_path / "x.bin")
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
-        data._load_weights(str(tmp_path / "x.bin"))
+    with pytest.raises(ValueError, match="x.bin: not a plain tensor state dict.*[Ww]eights only load failed"):
+        read_weights(str(tmp_path / "x.bin"))
 
 # -----------------------------------------------------------------------------
 # Tokenizer vs HF CLIPTokenizer and open_clip's SimpleTokenizer on the real CLIP vocabulary
@@ -315,7 +313,7 @@ def vocab_dir(bpe_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip_vocab")
     with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1:48895]  # line 0 is a header; CLIP uses 49152 - 256 - 2 merges
-    units = list(data._byte_to_unicode().values())
+    units = list(encoders._byte_to_unicode().values())
     tokens = units + [u + "</w>" for u in units] + [m.replace(" ", "") for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     assert len(tokens) == 49408
@@ -385,9 +383,9 @@ def test_enough_caption_strings():
 @pytest.mark.parametrize("source", ["hf_files", "bpe_file"])
 def test_tokenizer_matches_references(source, bpe_path, vocab_dir, hf_tokenizer, open_clip_tokenizer):
     if source == "hf_files":  # the run-time path: a repo's vocab.json + merges.txt
-        ours = data.load_tokenizer(str(vocab_dir), family="open_clip")
+        ours = encoders.load_tokenizer(str(vocab_dir), family="open_clip")
     else:
-        ours = data.CLIPTokenizer.from_bpe_file(bpe_path)
+        ours = encoders.CLIPTokenizer.from_bpe_file(bpe_path)
     assert (ours.sot, ours.eot, ours.pad_id, len(ours.vocab)) == (49406, 49407, 0, 49408)
     ids = ours(CAPTIONS + OPEN_CLIP_ONLY)
     ref = open_clip_tokenizer(CAPTIONS + OPEN_CLIP_ONLY)  # pads with 0
@@ -415,49 +413,38 @@ def test_split_regex_matches_regex_module_on_all_code_points():
     # on text whose whitespace runs are single spaces, as in the tokenizer (`re` counts \x1c-\x1f as whitespace)
     text = " ".join(" ".join(all_code_points()).split())
     for s in (text, text.lower()):
-        assert data._split_regex().findall(s) == clip.findall(s)
+        assert encoders._split_regex().findall(s) == clip.findall(s)
 
 
 def test_tokenizer_on_all_code_points(vocab_dir, hf_tokenizer, open_clip_tokenizer):
-    ours = data.load_tokenizer(str(vocab_dir))
+    ours = encoders.load_tokenizer(str(vocab_dir))
     # U+0345 (combining iota subscript) is the one exception: open_clip compiles its pattern with IGNORECASE and the
     # regex module then drops this character (it case-folds to a letter); HF's tokenizer and ours keep it.
     for s in all_code_points(exclude={0x345}):
         assert ours.encode(s) == open_clip_tokenizer.encode(s), f"open_clip differs on {s!r}"
     # HF applies no ftfy fixes; on every character those fixes leave alone, HF agrees too
-    for s in all_code_points(exclude=data._FTFY_LITE.keys()):
+    for s in all_code_points(exclude=encoders._FTFY_LITE.keys()):
         assert ours.encode(s) == hf_tokenizer(s, add_special_tokens=False).input_ids, f"HF differs on {s!r}"
 
 # -----------------------------------------------------------------------------
 # Loading through huggingface_hub from a local cache laid out like the Hub, with HF_HUB_OFFLINE=1
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def add_to_hub_cache(cache, repo_id, src):
-    """Put the files of `src` into `cache` as snapshot COMMIT of `repo_id` (refs/main -> COMMIT)."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    shutil.copytree(src, repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-
-
 HUB_SCRIPT = """
 import sys, torch
 from safetensors.torch import load_file, save_file
 sys.path.insert(0, sys.argv[1])
-import data
+import encoders
 x = load_file(sys.argv[2])["x"]
 captions = ["the cat", "a photo of THE dog!", ""]
-vae = data.load_vae("test/tiny-sdxl")  # <repo>/vae
-hf = data.load_text_encoder("test/tiny-sdxl", subfolder="text_encoder")  # tokenizer from <repo>/tokenizer
-oc = data.load_text_encoder("test/tiny-openclip")
+vae = encoders.load_vae("test/tiny-sdxl")  # <repo>/vae
+hf = encoders.load_text_encoder("test/tiny-sdxl", subfolder="text_encoder")  # tokenizer from <repo>/tokenizer
+oc = encoders.load_text_encoder("test/tiny-openclip")
 with torch.no_grad():
     out = dict(latent=vae.encode(x, sample=False), hf=hf(captions), hf_ids=hf.tokenizer(captions),
                oc=oc(captions), oc_ids=oc.tokenizer(captions))
 save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[3])
 try:
-    data.load_vae("test/not-in-cache")
+    encoders.load_vae("test/not-in-cache")
 except FileNotFoundError as e:
     print(e)
 """
@@ -472,8 +459,8 @@ def test_load_from_hub_cache_offline(tmp_path):
     write_tiny_vocab(sdxl / "tokenizer", pad_token="!")
     write_open_clip_repo(tmp_path / "src_oc", clip_ref, "quick_gelu", "bin")
     cache = tmp_path / "hub"
-    add_to_hub_cache(cache, "test/tiny-sdxl", sdxl)
-    add_to_hub_cache(cache, "test/tiny-openclip", tmp_path / "src_oc")
+    hub_cache(cache, "test/tiny-sdxl", sdxl)
+    hub_cache(cache, "test/tiny-openclip", tmp_path / "src_oc")
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     save_file({"x": x}, tmp_path / "x.safetensors")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf_home"))

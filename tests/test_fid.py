@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import fid  # noqa: E402
+import fid
+from conftest import REFERENCE, ROOT
 
-REFERENCE_KEYS = Path(ROOT.parent, "shared", "reference", "fid_inception_keys.json")
+REFERENCE_KEYS = REFERENCE / "fid_inception_keys.json"  # the names and shapes of pytorch-fid's weights file
 
 
 def random_spd(rng, d, cond=10.0):
@@ -272,17 +271,20 @@ def test_state_dict_matches_reference_file_layout(net):
     assert len(convs) == 94 and all(c.bias is None for c in convs)
 
 
-def test_load_state_dict_with_or_without_num_batches_tracked(net):
+def test_weights_load_with_or_without_num_batches_tracked(net, tmp_path):
     # Without: test_load_inception_from_cached_url. With: the BN counters that a file saved from torchvision has.
     sd = net.state_dict()
     counters = {k.replace("running_mean", "num_batches_tracked"): torch.tensor(0) for k in sd if "running_mean" in k}
     assert len(counters) == 94
-    other = fid.load_state_dict(fid.InceptionV3(), dict(sd, **counters))
+    torch.save(dict(sd, **counters), tmp_path / "with_counters.pth")
+    other = fid.load_inception(tmp_path / "with_counters.pth")
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), sd.values()))
-    with pytest.raises(ValueError, match="1 keys missing"):
-        fid.load_state_dict(other, {k: v for k, v in sd.items() if k != "fc.bias"})
-    with pytest.raises(ValueError, match="1 of wrong shape"):
-        fid.load_state_dict(other, dict(sd, **{"fc.bias": torch.zeros(1000)}))
+    torch.save({k: v for k, v in sd.items() if k != "fc.bias"}, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"short.pth: weights do not fit the model: 1 missing \['fc.bias'\]"):
+        fid.load_inception(tmp_path / "short.pth")
+    torch.save(dict(sd, **{"fc.bias": torch.zeros(1000)}), tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=r"odd.pth: .*1 of wrong shape \['fc.bias: \(1000,\) vs model \(1008,\)'\]"):
+        fid.load_inception(tmp_path / "odd.pth")
 
 
 def test_features_deterministic_and_independent_of_batch_size(net):
@@ -334,10 +336,13 @@ def test_fetch_weights_from_hub_repo_offline(tmp_path, monkeypatch):
     torch.save({"w": torch.randn(10)}, tmp_path / "small.pth")
     good = hash_named(tmp_path / "small.pth", repo / "snapshots" / commit)
     bad = hash_named(tmp_path / "small.pth", repo / "snapshots" / commit, wrong=True)
-    path = fid.fetch_weights(good.name, repo_id="someone/fid-inception", cache_dir=tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = fid.fetch_weights(good.name, repo_id="someone/fid-inception")
     assert path.read_bytes() == good.read_bytes()
     with pytest.raises(ValueError, match="sha256"):
-        fid.fetch_weights(bad.name, repo_id="someone/fid-inception", cache_dir=tmp_path / "hub")
+        fid.fetch_weights(bad.name, repo_id="someone/fid-inception")
+    with pytest.raises(FileNotFoundError, match="someone/fid-inception: no other.pth"):
+        fid.fetch_weights("other.pth", repo_id="someone/fid-inception")
 
 
 def test_load_inception_from_cached_url(net, weights_file, tmp_path):

@@ -2,77 +2,57 @@
 (against a stand-in for the upload call), and load the released MicroDiT .pt layout safely."""
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-import model
-from model import build_model, load_official, load_pretrained, save_pretrained
+import checkpoint
+from checkpoint import load_official, load_pretrained, save_pretrained
+from conftest import BUILTIN16, PIXELS, hub_cache, run, tiny_denoiser
+from model import build_model, get_config
 from sample import generate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILTIN16 = {"type": "builtin", "dim": 16, "max_len": 24}
 
 
 def tiny_net(seed=0):
-    torch.manual_seed(seed)
-    net = build_model("MicroDiT_test")
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net
+    return tiny_denoiser(seed).net
 
 
 def write_checkpoint(folder):
     net = tiny_net()
     os.makedirs(folder)
-    save_pretrained(folder, net, ema=tiny_net(1), extra={"text_encoder": BUILTIN16, "latents": {"type": "pixels"},
+    save_pretrained(folder, net, ema=tiny_net(1), extra={"text_encoder": BUILTIN16, "latents": PIXELS,
                                                          "results": {"acc_mean": 0.5}})
     return net
-
-
-def as_hub_cache(folder, cache, repo_id, commit="0" * 40):
-    """Lay a folder out as huggingface_hub's cache holds a downloaded model repo."""
-    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
-    shutil.copytree(folder, os.path.join(repo, "snapshots", commit))
-    os.makedirs(os.path.join(repo, "refs"))
-    with open(os.path.join(repo, "refs", "main"), "w") as f:
-        f.write(commit)
 
 
 def test_checkpoint_folder_round_trip(tmp_path):
     net = write_checkpoint(tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["README.md", "config.json", "ema.safetensors", "model.safetensors"]
     loaded, config = load_pretrained(str(tmp_path / "ckpt"), ema=False)
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.net.state_dict().values()))
     ema, _ = load_pretrained(str(tmp_path / "ckpt"))  # EMA weights preferred when present
-    assert torch.equal(ema.final_layer.linear.weight, tiny_net(1).final_layer.linear.weight)
+    assert torch.equal(ema.net.final_layer.linear.weight, tiny_net(1).final_layer.linear.weight)
+    assert ema.sigma_data == 0.9  # no train config recorded: EDM's sigma_data of MicroDiT
     card = open(tmp_path / "ckpt" / "README.md").read()
     assert "python sample.py --ckpt" in card and "| acc_mean | 0.5 |" in card and "| dim | 32 |" in card
+    assert card.startswith("---\n") and "pipeline_tag: text-to-image" in card  # the Hub reads this metadata block
 
 
 def test_load_by_repo_id_offline_through_sample_py(tmp_path):
     write_checkpoint(tmp_path / "ckpt")
-    as_hub_cache(tmp_path / "ckpt", tmp_path / "hub", "someone/microdit-tiny")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--prompt", "a red circle on the left", "--steps", "2",
-           "--out", str(tmp_path / "out")]
-    p = subprocess.run(cmd + ["--ckpt", "someone/microdit-tiny"], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    hub_cache(tmp_path / "hub", "someone/microdit-tiny", tmp_path / "ckpt")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    args = ["--prompt", "a red circle on the left", "--steps", "2"]
+    run("sample.py", *args, "--out", tmp_path / "out", "--ckpt", "someone/microdit-tiny", env=env)
     assert os.path.exists(tmp_path / "out" / "000000.png")
     # the same images as from the local folder: the repo id really resolved to this checkpoint
-    local = subprocess.run(cmd[:-1] + [str(tmp_path / "out2"), "--ckpt", str(tmp_path / "ckpt")], env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert local.returncode == 0, local.stderr
+    run("sample.py", *args, "--out", tmp_path / "out2", "--ckpt", tmp_path / "ckpt", env=env)
     from PIL import Image
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "000000.png")),
                           np.asarray(Image.open(tmp_path / "out2" / "000000.png")))
     # a repo that is not in the cache: a clear error that says the search was offline
-    p = subprocess.run(cmd + ["--ckpt", "someone/missing"], env=env, capture_output=True, text=True, timeout=300)
+    p = run("sample.py", *args, "--out", tmp_path / "out3", "--ckpt", "someone/missing", env=env, check=False)
     assert p.returncode != 0 and "someone/missing" in p.stderr and "HF_HUB_OFFLINE is set" in p.stderr
 
 
@@ -94,7 +74,7 @@ def test_push_uploads_weights_config_and_card_only(tmp_path, monkeypatch):
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "HfApi", StandIn)
-    assert model.push_to_hub(str(tmp_path / "ckpt"), "me/run") == "commit"
+    assert checkpoint.push_to_hub(str(tmp_path / "ckpt"), "me/run") == "commit"
     assert calls["repo"] == ("me/run", True, False)
     assert calls["files"] == ["README.md", "config.json", "ema.safetensors", "model.safetensors"]
 
@@ -126,22 +106,24 @@ def test_official_layout_loads_with_weights_only_and_samples(tmp_path):
     path = tmp_path / "dit_3_channel_tiny.pt"
     torch.save(net.state_dict(), path)  # the release is a plain DiT state dict, no prefix
     loaded, config = load_official(str(path), preset="MicroDiT_test")
-    assert loaded.cfg.latent_channels == 3 and loaded.cfg.latent_size == 8 and loaded.cfg.pos_interp_scale == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
+    cfg = loaded.net.cfg
+    assert cfg.latent_channels == 3 and cfg.latent_size == 8 and cfg.pos_interp_scale == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.net.state_dict().values()))
+    assert loaded.sigma_data == config["sigma_data"] == 0.9  # SPEC A3
     assert config["text_encoder"]["repo"] == "apple/DFN5B-CLIP-ViT-H-14-378"
     # sample with a stand-in text encoder (the real DFN5B tower cannot be downloaded here)
-    images = generate(loaded, {**config, "text_encoder": BUILTIN16, "latents": {"type": "pixels"}},
+    images = generate(loaded, {**config, "text_encoder": BUILTIN16, "latents": PIXELS},
                       ["a red circle"], steps=3, progress=False)
     assert images[0].shape == (8, 8, 3) and images[0].dtype == np.uint8
 
 
 def test_official_512_layout_infers_latent_size_and_interp_scale(tmp_path):
     # like the 512px release: twice the preset's latent size, position range kept (pos_interp_scale 2)
-    net = build_model(model.get_config("MicroDiT_test", latent_size=16, pos_interp_scale=2.0))
+    net = build_model(get_config("MicroDiT_test", latent_size=16, pos_interp_scale=2.0))
     torch.save(net.state_dict(), tmp_path / "dit_512.pt")
     loaded, _ = load_official(str(tmp_path / "dit_512.pt"), preset="MicroDiT_test")
-    assert (loaded.cfg.latent_size, loaded.cfg.pos_interp_scale) == (16, 2.0)
-    assert torch.equal(loaded.pos_embed, net.pos_embed)
+    assert (loaded.net.cfg.latent_size, loaded.net.cfg.pos_interp_scale) == (16, 2.0)
+    assert torch.equal(loaded.net.pos_embed, net.pos_embed)
 
 
 class Payload:
@@ -166,5 +148,5 @@ def test_wrong_keys_are_named(tmp_path):
     sd = tiny_net().state_dict()
     sd["blocks.0.extra.weight"] = sd.pop("blocks.0.attn.qkv.weight")
     torch.save(sd, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"missing \['blocks.0.attn.qkv.weight'\], unexpected \['blocks.0.extra.weight'\]"):
+    with pytest.raises(ValueError, match=r"1 missing \['blocks.0.attn.qkv.weight'\], 1 unexpected \['blocks.0.extra.weight'\]"):
         load_official(str(tmp_path / "bad.pt"), preset="MicroDiT_test")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model
+import diffusion
 import train
+from checkpoint import read_checkpoint
+from conftest import ENV, ROOT
 from test_train import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def same_files(a, b, names=("model.safetensors", "ema.safetensors", "state.safetensors")):
@@ -33,10 +33,7 @@ def argv(data_dir, out_dir, **kw):
                log_every=1, ckpt_every=1000, eval_n=0, val_n=16, peak_flops=1e12, threads=1, out_dir=out_dir,
                unmasked_steps=0)  # the switch to unmasked steps depends on max_steps, which these runs vary
     cfg.update(kw)
-    return [sys.executable, os.path.join(ROOT, "train.py")] + [f"--{k}={v}" for k, v in cfg.items()]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return [sys.executable, str(ROOT / "train.py")] + [f"--{k}={v}" for k, v in cfg.items()]
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +74,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     with open(run / "ckpt-0000006" / "model.safetensors", "r+b") as f:  # a write cut short by the machine dying
         f.truncate(os.path.getsize(run / "ckpt-0000006" / "model.safetensors") // 2)
     os.makedirs(run / "ckpt-0000009.tmp")  # an interrupted atomic write: never considered
-    shutil.copytree(run / "ckpt-0000003", run / "ckpt-0000008")  # no state.json: incomplete, never considered
+    shutil.copytree(run / "ckpt-0000003", run / "ckpt-0000008")  # no state.json: weights only, cannot resume
     os.remove(run / "ckpt-0000008" / "state.json")
     capsys.readouterr()
 
     train.train(tiny_config(tmp_path, resume="auto"))
     out = capsys.readouterr().out
-    assert f"warning: checkpoint {run / 'ckpt-0000006'} does not load" in out
-    assert f"resumed from {run / 'ckpt-0000003'} at step 3" in out and "ckpt-0000008" not in out
+    assert f"warning: checkpoint {run / 'ckpt-0000008'} does not load (FileNotFoundError" in out
+    assert f"warning: checkpoint {run / 'ckpt-0000006'} does not load" in out and "ckpt-0000009" not in out
+    assert f"resumed from {run / 'ckpt-0000003'} at step 3" in out
     assert same_files(run / "ckpt-0000006", tmp_path / "good-6")  # steps 4-6 redone exactly
 
 
@@ -99,13 +97,13 @@ def test_explicit_resume_of_a_corrupt_checkpoint_is_an_error(tmp_path):
 
 def nan_at(monkeypatch, steps):
     """Make the training loss NaN at the given 1-based steps (one loss call per step: no accumulation)."""
-    calls, real = [0], model.masked_mse
+    calls, real = [0], diffusion.masked_mean
 
-    def masked_mse(err, mask, patch_size):
+    def masked_mean(err, mask):
         calls[0] += 1
-        loss = real(err, mask, patch_size)
+        loss = real(err, mask)
         return loss * float("nan") if calls[0] in steps else loss
-    monkeypatch.setattr(model, "masked_mse", masked_mse)
+    monkeypatch.setattr(diffusion, "masked_mean", masked_mean)
 
 
 def test_a_nan_loss_skips_the_step(tmp_path, monkeypatch, capsys):
@@ -115,7 +113,7 @@ def test_a_nan_loss_skips_the_step(tmp_path, monkeypatch, capsys):
     ckpt = lambda s: tmp_path / "run" / f"ckpt-{s:07d}"
     # steps 4 and 5 changed nothing: not the weights, not the EMA, not the AdamW moments; step 6 did
     assert same_files(ckpt(3), ckpt(4)) and same_files(ckpt(3), ckpt(5)) and not same_files(ckpt(5), ckpt(6))
-    state = train.read_checkpoint(ckpt(7))["state"]
+    state = read_checkpoint(ckpt(7))["state"]
     assert (state["step"], state["skipped"]) == (7, 2)
 
 

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import data  # noqa: E402
+import data
+import encoders
+import shapes
+from conftest import ROOT, hub_cache
 
 torch.set_num_threads(1)
 CORRUPT = {7: "img_07.png", 23: "img_23.jpg"}  # random bytes; a JPEG cut after 200 bytes
@@ -31,17 +32,17 @@ def write_tiny_encoders(folder):
     torch.manual_seed(0)
     (folder / "vae").mkdir(parents=True)
     (folder / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **TINY_VAE}))
-    save_file(data.AutoencoderKL(TINY_VAE).state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    save_file(encoders.AutoencoderKL(TINY_VAE).state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
     clip = folder / "clip"
     clip.mkdir()
-    units = list(data._byte_to_unicode().values())
+    units = list(encoders._byte_to_unicode().values())
     tokens = units + [u + "</w>" for u in units] + ["<|startoftext|>", "<|endoftext|>"]
     (clip / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (clip / "merges.txt").write_text("#version: 0.2\n")
     text_cfg = dict(context_length=77, vocab_size=len(tokens), width=16, heads=2, layers=2)
     (clip / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True, "text_cfg": text_cfg}}))
     with torch.device("meta"):
-        names = data.CLIPTextTransformer(len(tokens), 77, width=16, heads=2, layers=2, mlp_width=64).state_dict()
+        names = encoders.CLIPTextTransformer(len(tokens), 77, width=16, heads=2, layers=2, mlp_width=64).state_dict()
     save_file({k: 0.2 * torch.randn(v.shape) for k, v in names.items()}, clip / "open_clip_model.safetensors")
     return str(folder / "vae"), str(clip)
 
@@ -52,9 +53,9 @@ def write_pairs(folder, n=40):
     for i in range(n):
         sub = folder / "more" if i >= 30 else folder
         sub.mkdir(parents=True, exist_ok=True)
-        scene = data.train_scene(0, i)
-        (sub / f"img_{i:02d}.txt").write_text(data.caption(scene) + "\n")
-        img = data.render(scene, 128 if i % 3 == 2 else 64)
+        scene = shapes.train_scene(0, i)
+        (sub / f"img_{i:02d}.txt").write_text(shapes.caption(scene) + "\n")
+        img = shapes.render(scene, 128 if i % 3 == 2 else 64)
         if i % 3:
             canvas = Image.new("RGB", (96, 64) if i % 3 == 1 else (128, 160), "white")
             canvas.paste(img, (16, 0) if i % 3 == 1 else (0, 16))
@@ -125,7 +126,7 @@ def test_prepare_writes_shards_and_reports_failures(tiny, prepared):
         assert index["latent_shape"] == [3, side, side] and index["text_shape"] == [77, 16]
         assert [s["count"] for s in index["shards"]] == [15, 15, 8]  # pairs 0-15, 16-31, 32-39 less 7 and 23
         everything = data.load_all(os.path.join(out, str(res)))
-        assert everything["caption"] == [data.caption(data.train_scene(0, i)) for i in kept]
+        assert everything["caption"] == [shapes.caption(shapes.train_scene(0, i)) for i in kept]
         meta = index["meta"]
         assert meta["text_encoder"] == {"type": "clip", "repo": tiny[1], "subfolder": None, "dim": 16, "max_len": 77}
         assert meta["latents"] == {"type": "vae", "repo": tiny[0], "subfolder": "vae", "scaling_factor": 0.5,
@@ -178,18 +179,18 @@ def test_latents_are_vae_encodings_of_the_cropped_images(tiny, prepared, tmp_pat
     # posterior means: for 64x64 images and 96x64 ones (cropped to their middle 64 columns) the VAE's own encoding
     data.prepare(pairs, str(tmp_path / "mean"), (64,), vae, "vae", clip, batch_size=5, shard_size=16, sample=False)
     mean = data.load_all(str(tmp_path / "mean" / "64"))
-    model = data.load_vae(vae)
+    model = encoders.load_vae(vae)
     kept = [i for i in range(40) if i not in CORRUPT]
     for i in (0, 3, 30, 1, 4, 31):
         img = np.asarray(Image.open(os.path.join(pairs, "more" if i >= 30 else "", f"img_{i:02d}.png")).convert("RGB"))
-        x = data.image_to_latent(img[:, 16:80] if i % 3 == 1 else img)[None]
+        x = encoders.image_to_latent(img[:, 16:80] if i % 3 == 1 else img)[None]
         with torch.no_grad():  # batch 5 there, 1 here: equal up to the fp16 rounding
             z = model.encode(x, sample=False)[0].half().float()
         assert torch.allclose(mean["latent"][kept.index(i)], z, rtol=2e-3, atol=2e-3)
     # 128x160: the short side resized to 64 (bicubic), then the middle 80 -> 64 rows
     img = Image.open(os.path.join(pairs, "img_02.png")).convert("RGB").resize((64, 80), Image.BICUBIC)
     with torch.no_grad():
-        z = model.encode(data.image_to_latent(np.asarray(img)[8:72])[None], sample=False)[0].half().float()
+        z = model.encode(encoders.image_to_latent(np.asarray(img)[8:72])[None], sample=False)[0].half().float()
     assert torch.allclose(mean["latent"][2], z, rtol=2e-3, atol=2e-3)
     # posterior samples: noisy around the mean, the same whatever the batch size (batch 8 in `prepared`)
     sampled = data.load_all(os.path.join(prepared[0], "64"))
@@ -197,23 +198,23 @@ def test_latents_are_vae_encodings_of_the_cropped_images(tiny, prepared, tmp_pat
     assert torch.allclose(sampled["text"], mean["text"], rtol=2e-3, atol=2e-3)
     # the features are the text tower's, and the specs in the index rebuild both encoders
     meta = data.read_index(os.path.join(prepared[0], "64"))["meta"]
-    enc = data.text_encoder_from_spec(meta["text_encoder"])
+    enc = encoders.text_encoder_from_spec(meta["text_encoder"])
     with torch.no_grad():
         assert torch.allclose(sampled["text"], enc(sampled["caption"]).half().float(), rtol=2e-3, atol=2e-3)
-    decoded = data.latents_to_images(sampled["latent"][:3], meta["latents"])
+    decoded = encoders.latents_to_images(sampled["latent"][:3], meta["latents"])
     with torch.no_grad():
         ref = ((model.decode(sampled["latent"][:3]).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     assert len(decoded) == 3 and all(d.shape == (64, 64, 3) and d.dtype == np.uint8 for d in decoded)
     assert np.array_equal(np.stack(decoded), ref.permute(0, 2, 3, 1).numpy())
     with pytest.raises(ValueError, match="differs from its spec.*scaling_factor"):
-        data.vae_from_spec(dict(meta["latents"], scaling_factor=0.13025))
-    assert data.vae_from_spec({"type": "pixels"}) is None
+        encoders.vae_from_spec(dict(meta["latents"], scaling_factor=0.13025))
+    assert encoders.vae_from_spec({"type": "pixels"}) is None
 
 
 def test_list_inputs_and_skipped_captions(tiny, prepared, tmp_path):
     vae, clip, pairs = tiny
     rows = [(os.path.relpath(os.path.join(pairs, "more" if i >= 30 else "", f"img_{i:02d}.png"), tmp_path),
-             data.caption(data.train_scene(0, i))) for i in range(40)]
+             shapes.caption(shapes.train_scene(0, i))) for i in range(40)]
     rows = [(os.path.join(os.path.dirname(p), CORRUPT[i]) if i in CORRUPT else p, c) for i, (p, c) in enumerate(rows)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"path": p, "caption": c}) + "\n" for p, c in rows))
     with open(tmp_path / "pairs.csv", "w") as f:
@@ -254,12 +255,7 @@ def test_list_inputs_and_skipped_captions(tiny, prepared, tmp_path):
 
 
 def test_train_streams_from_hub_dataset(prepared, tmp_path):
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "datasets--test--tiny-latents"  # huggingface_hub's cache layout
-    for res in ("64", "32"):
-        shutil.copytree(os.path.join(prepared[0], res), repo / "snapshots" / commit / res)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    hub_cache(tmp_path / "hub", "test/tiny-latents", prepared[0], repo_type="dataset")
     env = dict(OFFLINE, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf_home"))
     run = subprocess.run(train_cmd("hf://datasets/test/tiny-latents/64", tmp_path / "run"), cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

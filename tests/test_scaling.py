@@ -14,9 +14,8 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 import scaling
+from conftest import ROOT
 from model import PRESETS, flops_per_image
-
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022, SPEC C
 
 
@@ -207,10 +206,10 @@ def test_fit_rejects_bad_input(tmp_path):
         scaling.fit_chinchilla([1e8, 1e9], [1e10], [2.0, 2.1])
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps({k: 1 for k in scaling.RESULT_KEYS}) + "\n" + json.dumps({"model": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"results.jsonl:2: missing keys"):
-        scaling.load_results(str(path))
+    with pytest.raises(ValueError, match=r"results.jsonl: row 2: missing keys"):
+        scaling.load_rows(str(path), scaling.RESULT_KEYS)
     with pytest.raises(FileNotFoundError):
-        scaling.load_results(str(tmp_path / "nope.jsonl"))
+        scaling.load_rows(str(tmp_path / "nope.jsonl"), scaling.RESULT_KEYS)
 
 
 # -----------------------------------------------------------------------------
@@ -236,7 +235,7 @@ def test_fit_cli_on_synthetic_sweep(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "alpha" in out and "compute-optimal" in out and out.count("frontier points") == 6
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    fits = scaling.fit_results(scaling.load_results(str(path)), n_boot=5)
+    fits = scaling.fit_results(scaling.load_rows(str(path), scaling.RESULT_KEYS), n_boot=5)
     predicted = scaling.chinchilla_loss(fits["chinchilla"]["fit"], [r["params"] for r in rows],
                                         [r["images"] for r in rows])
     assert predicted == pytest.approx([r["final_loss"] for r in rows], rel=1e-3)
@@ -248,7 +247,7 @@ def test_sweep_rows_flags_and_resume(tmp_path, monkeypatch):
     known = {f.name for f in fields(train.TrainConfig)}
     calls = []
 
-    def fake_train(cmd, check):  # stands in for a train.py run: writes the closing record train.py logs
+    def fake_train(cmd, **kw):  # stands in for a train.py run: writes the closing record train.py logs
         flags = dict(a[2:].split("=", 1) for a in cmd[2:])
         assert cmd[1] == "train.py" and set(flags) <= known, set(flags) - known
         calls.append(flags)
@@ -257,6 +256,7 @@ def test_sweep_rows_flags_and_resume(tmp_path, monkeypatch):
             f.write(json.dumps({"step": 1, "loss": 9.0}) + "\n")
             f.write(json.dumps({"final": True, "val_loss": 1.5, "acc_shape": 0.3, "acc_colour": 0.6,
                                 "acc_position": 0.9}) + "\n")
+        return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(scaling.subprocess, "run", fake_train)
     out = str(tmp_path / "results.jsonl")
@@ -264,7 +264,7 @@ def test_sweep_rows_flags_and_resume(tmp_path, monkeypatch):
     scaling.sweep(out, steps_list=[2, 4], **kw)
     scaling.sweep(out, steps_list=[2, 4, 8], **kw)  # resumes: only the new budget runs
     assert [c["max_steps"] for c in calls] == ["2", "4", "8"]
-    rows = scaling.load_results(out)
+    rows = scaling.load_rows(out, scaling.RESULT_KEYS)
     f_img = flops_per_image(PRESETS["MicroDiT_test"], 0.5, caption_len=24)  # the built-in text encoder: 24 tokens
     for r, steps in zip(rows, [2, 4, 8]):
         assert r["steps"] == steps and r["images"] == 8 * steps and r["flops"] == f_img * 8 * steps
@@ -307,7 +307,7 @@ def test_ablate_end_to_end(tmp_path):
            "--train-args=--eval_n=2 --eval_steps=2 --val_n=8"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
-    rows, plan = scaling.load_ablations(out), scaling.ablation_runs(["moe"], seeds=(0,), base_steps=2)
+    rows, plan = scaling.load_rows(out, scaling.ABLATION_KEYS), scaling.ablation_runs(["moe"], seeds=(0,), base_steps=2)
     assert sorted(r["run"] for r in rows) == ["deferred75_s0", "dense_s0"]
     for r in rows:
         assert r["steps"] == plan[r["run"]]["steps"] and r["flops"] == plan[r["run"]]["flops"]
@@ -316,4 +316,4 @@ def test_ablate_end_to_end(tmp_path):
         assert log[-1]["final"] and log[-1]["step"] == r["steps"] and log[-1]["val_loss"] == r["final_loss"]
     assert "| expert-choice MoE, every 2nd block |" in p.stdout and "| dense FFN |" in p.stdout
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 0 and "(2 already in" in again.stdout and len(scaling.load_ablations(out)) == 2
+    assert again.returncode == 0 and "(2 already in" in again.stdout and len(scaling.load_rows(out, scaling.ABLATION_KEYS)) == 2

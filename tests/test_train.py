@@ -2,8 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from model import build_model
+from conftest import BUILTIN16, PIXELS, ROOT, run, tiny_denoiser
+from diffusion import Denoiser
+from model import build_model, get_config, parse_overrides
 from sample import generate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -39,8 +37,7 @@ def test_bad_overrides_name_the_key(argv, message):
 
 def test_model_args_override_preset_fields():
     cfg = train.load_config(["--model=MicroDiT_S", "--model_args=mixer_depth=0, mlp_ratio=2.5:2.5,bias=true"])
-    from model import get_config
-    over = train.model_overrides(cfg.model_args, get_config(cfg.model))
+    over = parse_overrides(cfg.model_args, get_config(cfg.model))
     assert over == {"mixer_depth": 0, "mlp_ratio": (2.5, 2.5), "bias": True}
     assert type(over["mixer_depth"]) is int and type(over["mlp_ratio"][0]) is float
     with pytest.raises(ValueError, match="'depht=3' is not FIELD=VALUE"):
@@ -109,10 +106,9 @@ def test_zero_steps_saves_and_scores_the_initial_weights(tmp_path):
 
 
 def test_unmasked_steps_end_the_run_unmasked(tmp_path, monkeypatch):
-    import model
-    seen, real = [], model.edm_loss
-    monkeypatch.setattr(model, "edm_loss", lambda net, x, y, mask_ratio, **kw: seen.append(mask_ratio) or
-                        real(net, x, y, mask_ratio, **kw))
+    seen, real = [], train.edm_loss
+    monkeypatch.setattr(train, "edm_loss", lambda D, x, y, sigma, noise, mask_ratio: seen.append(mask_ratio) or
+                        real(D, x, y, sigma, noise, mask_ratio))
     train.train(tiny_config(tmp_path, mask_ratio=0.5, max_steps=5, unmasked_steps=2, val_n=0))
     assert seen == [0.5, 0.5, 0.5, 0.0, 0.0]
     with pytest.raises(ValueError, match="--unmasked_steps must be >= 0"):
@@ -129,39 +125,27 @@ def test_model_and_data_mismatch_is_a_clear_error(tmp_path):
 # --- sampling -------------------------------------------------------------------------------------
 
 def test_an_image_does_not_depend_on_its_batch():
-    torch.manual_seed(0)
-    net = build_model("MicroDiT_test").eval()
-    with torch.no_grad():  # a net that is not the identity at init
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    config = {"text_encoder": {"type": "builtin", "dim": 16, "max_len": 24}, "latents": {"type": "pixels"}}
+    D = tiny_denoiser()  # a net that is not the identity at init
+    config = {"text_encoder": BUILTIN16, "latents": PIXELS}
     prompts = ["a small red circle on the left", "a large blue square at the top"] * 4
-    alone = generate(net, config, [prompts[3]], seed=10 + 3, steps=4, progress=False)[0]
-    batch = generate(net, config, prompts, seed=10, steps=4, progress=False)
+    alone = generate(D, config, [prompts[3]], seed=10 + 3, steps=4, progress=False)[0]
+    batch = generate(D, config, prompts, seed=10, steps=4, progress=False)
     assert np.array_equal(alone, batch[3])
     assert not np.array_equal(batch[3], batch[5])  # same prompt, other seed: another image
 
 
 def test_empty_prompt_is_refused():
-    net = build_model("MicroDiT_test")
-    config = {"text_encoder": {"type": "builtin", "dim": 16, "max_len": 24}}
+    config = {"text_encoder": BUILTIN16}
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        generate(net, config, ["a red circle", "  "], progress=False)
+        generate(Denoiser(build_model("MicroDiT_test")), config, ["a red circle", "  "], progress=False)
 
 
 # --- as a user runs it ------------------------------------------------------------------------------
 
-def run(args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p.stdout
-
-
 def test_train_then_sample_end_to_end(tmp_path):
-    out = run([os.path.join(ROOT, "train.py"), "--model=MicroDiT_test", "--dataset_size=100", "--max_steps=4",
-               "--batch_size=4", "--log_every=2", "--eval_n=4", "--eval_steps=2", "--val_n=8",
-               "--peak_flops=1e12", f"--out_dir={tmp_path}/run", f"--data_dir={tmp_path}/data"], tmp_path)
+    out = run("train.py", "--model=MicroDiT_test", "--dataset_size=100", "--max_steps=4", "--batch_size=4",
+              "--log_every=2", "--eval_n=4", "--eval_steps=2", "--val_n=8", "--peak_flops=1e12",
+              f"--out_dir={tmp_path}/run", f"--data_dir={tmp_path}/data", cwd=tmp_path).stdout
     assert "step      4 | loss" in out and "acc_shape" in out
     ckpt = tmp_path / "run" / "ckpt-0000004"
     assert {"config.json", "model.safetensors", "ema.safetensors", "state.json", "state.safetensors"} <= set(os.listdir(ckpt))
@@ -169,9 +153,8 @@ def test_train_then_sample_end_to_end(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert log[-1]["final"] and np.isfinite(log[-1]["val_loss"])
 
-    out = run([os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "run"), "--prompt", "a red circle on the left",
-               "--prompt", "a blue square at the top", "--n", "2", "--steps", "3", "--out", str(tmp_path / "samples")],
-              tmp_path)
+    run("sample.py", "--ckpt", tmp_path / "run", "--prompt", "a red circle on the left", "--prompt",
+        "a blue square at the top", "--n", "2", "--steps", "3", "--out", tmp_path / "samples", cwd=tmp_path)
     files = sorted(os.listdir(tmp_path / "samples"))
     assert files == ["000000.png", "000001.png", "000002.png", "000003.png", "grid.png", "prompts.txt"]
     from PIL import Image
@@ -180,8 +163,7 @@ def test_train_then_sample_end_to_end(tmp_path):
 
 
 def test_sample_without_checkpoint_says_what_to_do(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "none")],
-                       capture_output=True, text=True, timeout=300)
+    p = run("sample.py", "--ckpt", tmp_path / "none", check=False)
     assert p.returncode != 0 and "no checkpoint at" in p.stderr and "python train.py" in p.stderr
 
 
@@ -252,11 +234,9 @@ SPEC_A4 = {
 
 
 def test_recipe_configs_follow_spec_a4():
-    from model import get_config
-    cfgs = {name: train.load_config([os.path.join(ROOT, "configs", f"{name}.py")]) for name in SPEC_A4}
+    cfgs = {name: train.load_config([str(ROOT / "configs" / f"{name}.py")]) for name in SPEC_A4}
     for name, cfg in cfgs.items():
-        mcfg = get_config(cfg.model, **{k: v for k, v in (("latent_size", cfg.latent_size),
-                                                           ("pos_interp_scale", cfg.pos_interp_scale)) if v})
+        mcfg = train.model_config(cfg)
         assert (cfg.mask_ratio, cfg.max_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.grad_clip, cfg.ema_decay,
                 mcfg.latent_size, mcfg.pos_interp_scale, cfg.P_mean, cfg.P_std) == SPEC_A4[name], name
         assert (cfg.model, cfg.batch_size, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.bf16, cfg.sigma_data,

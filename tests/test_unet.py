@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from model import UNET_PRESETS, UNet, UNetConfig, param_count, unet_macs
+from model import UNET_PRESETS, UNet, UNetConfig, param_count
+from scaling import unet_macs
 
 # Paper B, Table 1 (SPEC section B), typed here independently of the code under test:
 # preset -> (params in B, GMACs at 256px, attention GMACs).
