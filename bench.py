@@ -23,15 +23,16 @@ from model import MicroDiTConfig, build_model, flops_per_image, param_count
 from sample import edm_sampler
 from train import measure_peak_flops
 
-# A CPU-sized MicroDiT whose backbone dominates, as MicroDiT_XL_2 does: patch 2 on 32x32 latents (256 tokens, as at
-# 256px), a thin one-block mixer, 8 backbone blocks with the released layer-wise scaling and MoE.
-BENCH = MicroDiTConfig(latent_size=32, latent_channels=4, patch_size=2, dim=256, depth=8, head_dim=64, caption_dim=64,
-                       mixer_depth=1, mixer_dim=64, num_experts=4, multiple_of=64)
+# A CPU-sized MicroDiT whose backbone dominates, as MicroDiT_XL_2 does: patch 2 on 32x32 latents (256 tokens,
+# as at 256px), a thin one-block mixer, 8 backbone blocks with the released layer-wise scaling and MoE.
+BENCH = MicroDiTConfig(latent_size=32, latent_channels=4, patch_size=2, dim=256, depth=8, head_dim=64,
+                       caption_dim=64, mixer_depth=1, mixer_dim=64, num_experts=4, multiple_of=64)
 BATCH, CAPTION_LEN = 16, 16  # images per step, caption tokens
 
 
 def timed(fn, warmup=1, iters=3):
-    """Best wall time of fn() over `iters` calls after `warmup` calls, in seconds (best: least disturbed run)."""
+    """Best wall time of fn() over `iters` calls after `warmup` calls, in seconds
+    (best: least disturbed run)."""
     return compare([fn], warmup, iters)[0]
 
 
@@ -51,10 +52,11 @@ def compare(fns, warmup=1, iters=3):
 
 def profile(fn, title, rows=12):
     """The ops that take fn's time, by self CPU time: printed under a missed target to explain it."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity, profile as torch_profile  # loaded only for a missed target
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return f"  profile of {title}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return (f"  profile of {title}:\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def verdict(value, target):
@@ -92,7 +94,8 @@ _steps, _peaks, _compile_s = {}, {}, []
 
 
 def steps():
-    """Step times of every configuration compared below, measured once and side by side: {name: (seconds, step fn)}.
+    """Step times of every configuration compared below, measured once and side by side:
+    {name: (seconds, step fn)}.
     Names: 'mask 0', 'mask 0.5', 'mask 0.75' (eager fp32), 'compiled' and 'bf16' (mask 0.75)."""
     if not _steps:
         net, x, y = bench_model()
@@ -108,22 +111,27 @@ def steps():
 
 
 def peaks():
-    """Measured matmul FLOP/s of this machine in fp32 and bf16 (train.measure_peak_flops: MFU's denominator)."""
+    """Measured matmul FLOP/s of this machine in fp32 and bf16
+    (train.measure_peak_flops: MFU's denominator)."""
     if not _peaks:
-        _peaks.update({dt: measure_peak_flops(torch.device("cpu"), dt) for dt in (torch.float32, torch.bfloat16)})
+        _peaks.update({dt: measure_peak_flops(torch.device("cpu"), dt)
+                       for dt in (torch.float32, torch.bfloat16)})
     return _peaks
 
 
 # --- the benchmarks --------------------------------------------------------------------------------
 
 def bench_masking():
-    """Step time at mask ratio 0, 0.5, 0.75: deferred masking gives the backbone 4x fewer tokens at 0.75 (SPEC A1)."""
+    """Step time at mask ratio 0, 0.5, 0.75: deferred masking gives the backbone 4x fewer tokens
+    at 0.75 (SPEC A1)."""
     t = [steps()[f"mask {m:g}"][0] for m in (0.0, 0.5, 0.75)]
     speedup = t[0] / t[2]
     line = (f"masking: step {' / '.join(f'{1000 * s:.0f}' for s in t)} ms at mask ratio 0 / 0.5 / 0.75 "
             f"(batch {BATCH}, {param_count(BENCH) / 1e6:.1f}M params): 0.75 vs 0 {speedup:.2f}x "
-            f"[{verdict(speedup, 2.5)}] (FLOPs ratio {gflops(0) / gflops(0.75):.2f}x), 0.5 vs 0 {t[0] / t[1]:.2f}x")
-    return line + ("" if speedup >= 2.5 else "\n" + profile(steps()["mask 0.75"][1], "a step at mask ratio 0.75"))
+            f"[{verdict(speedup, 2.5)}] (FLOPs ratio {gflops(0) / gflops(0.75):.2f}x), "
+            f"0.5 vs 0 {t[0] / t[1]:.2f}x")
+    return line + ("" if speedup >= 2.5
+                   else "\n" + profile(steps()["mask 0.75"][1], "a step at mask ratio 0.75"))
 
 
 def bench_compile():
@@ -142,8 +150,8 @@ def bench_bf16():
     fp32, bf16 = steps()["mask 0.75"][0], steps()["bf16"][0]
     p32, p16 = peaks()[torch.float32], peaks()[torch.bfloat16]
     return (f"bf16: step {1000 * fp32:.0f} ms fp32 vs {1000 * bf16:.0f} ms bf16 autocast at mask ratio 0.75: "
-            f"{fp32 / bf16:.2f}x; matmul peak {p32 / 1e9:.0f} GFLOP/s fp32 vs {p16 / 1e9:.0f} bf16 ({p32 / p16:.1f}x; "
-            f"CPU has avx512_bf16 or amx_bf16: {cpu_has('avx512_bf16', 'amx_bf16')})")
+            f"{fp32 / bf16:.2f}x; matmul peak {p32 / 1e9:.0f} GFLOP/s fp32 vs {p16 / 1e9:.0f} bf16 "
+            f"({p32 / p16:.1f}x; CPU has avx512_bf16 or amx_bf16: {cpu_has('avx512_bf16', 'amx_bf16')})")
 
 
 def bench_mfu():
@@ -156,15 +164,18 @@ def bench_mfu():
             f"{mfu('mask 0.5', 0.5, p32):.0f}% / {mfu('mask 0.75', 0.75, p32):.0f}%; bf16 at 0.75: "
             f"{mfu('bf16', 0.75, p16):.0f}% of the {p16 / 1e9:.0f} GFLOP/s bf16 peak ({gflops(0):.2f} / "
             f"{gflops(0.75):.2f} training GFLOPs per image at mask 0 / 0.75)")
-    return line + ("" if target >= 40 else "\n" + profile(steps()["compiled"][1], "a compiled step at mask 0.75"))
+    return line + ("" if target >= 40
+                   else "\n" + profile(steps()["compiled"][1], "a compiled step at mask 0.75"))
 
 
 def bench_data():
-    """Data-loader throughput (ShardStream + DataLoader, records of the bench shape) vs a training step's need."""
+    """Data-loader throughput (ShardStream + DataLoader, records of the bench shape)
+    vs a training step's need."""
     with tempfile.TemporaryDirectory() as root:
         with data.ShardWriter(root, shard_size=512, meta={"what": "bench"}) as writer:
             for i in range(4096):
-                writer.add(torch.randn(4, 32, 32), torch.randn(CAPTION_LEN, BENCH.caption_dim), f"caption {i}")
+                writer.add(torch.randn(4, 32, 32), torch.randn(CAPTION_LEN, BENCH.caption_dim),
+                           f"caption {i}")
         loader = torch.utils.data.DataLoader(data.ShardStream(root, shuffle_buffer=1024), batch_size=BATCH)
         it = iter(loader)
 
@@ -174,8 +185,9 @@ def bench_data():
         dt = timed(read, warmup=1, iters=2) / 2048
     step = min(t for name, (t, _) in steps().items() if name != "bf16")  # the most demanding step
     need = BATCH / step
-    return (f"data: loader {1 / dt:.0f} images/s (num_workers=0, 4x32x32 + {CAPTION_LEN}x{BENCH.caption_dim} fp16 "
-            f"records) vs {need:.0f} images/s consumed by the fastest measured step: {1 / dt / need:.0f}x headroom")
+    return (f"data: loader {1 / dt:.0f} images/s (num_workers=0, 4x32x32 + "
+            f"{CAPTION_LEN}x{BENCH.caption_dim} fp16 records) vs {need:.0f} images/s consumed by the "
+            f"fastest measured step: {1 / dt / need:.0f}x headroom")
 
 
 def bench_sampler():
@@ -192,7 +204,8 @@ def bench_sampler():
 def bench_fid():
     """Images/s of FID feature extraction: the InceptionV3 forward on 299x299 images, on CPU."""
     torch.manual_seed(0)
-    net = InceptionV3().eval()  # random weights: same speed as the released ones, which cannot be downloaded here
+    # random weights: same speed as the released ones, which cannot be downloaded here
+    net = InceptionV3().eval()
     batch = 8
     x = torch.rand(batch, 3, 299, 299)
     with torch.inference_mode():
@@ -221,7 +234,8 @@ def main(argv):
         sys.exit(f"bench.py: unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
     if threads:
         torch.set_num_threads(int(threads[-1].split("=")[1]))
-    print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores", flush=True)
+    print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",
+          flush=True)
     for name in names or BENCHMARKS:
         print(BENCHMARKS[name](), flush=True)
 

@@ -16,7 +16,7 @@ import re
 import shutil
 import zipfile
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download, snapshot_download
@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from diffusion import SIGMA_DATA, Denoiser
-from model import PRESETS, build_model, config_from_dict, get_config, model_type
+from model import MODELS, PRESETS, build_model, get_config, model_type
 
 # -----------------------------------------------------------------------------
 # Writing and reading files safely
@@ -47,7 +47,8 @@ def atomic_write(path):
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:  # a full disk: OSError from open/write, or safetensors' own error
         remove(tmp)
-        raise OSError(f"{path}: could not be written ({type(e).__name__}: {e}); nothing was left half-written") from e
+        raise OSError(f"{path}: could not be written ({type(e).__name__}: {e}); "
+                      f"nothing was left half-written") from e
     except BaseException:
         remove(tmp)
         raise
@@ -91,8 +92,9 @@ def read_weights(path, skip=()):
         raise ValueError(f"{path}: not a plain tensor state dict that loads safely "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from None
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)] if isinstance(sd, dict) else ["<not a dict>"]
-    if bad:
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: not a plain tensor state dict but a {type(sd).__name__}")
+    if bad := [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]:
         raise ValueError(f"{path}: not a plain tensor state dict; non-tensor entries: {bad[:5]}")
     return {k: v for k, v in sd.items() if not k.startswith(skip)}
 
@@ -122,7 +124,8 @@ HUB_DATASETS = "hf://datasets/"
 
 def offline_hint():
     if hf_constants.HF_HUB_OFFLINE:
-        return f" [HF_HUB_OFFLINE is set: only files already in the HF cache ({hf_constants.HF_HUB_CACHE}) are used]"
+        return (f" [HF_HUB_OFFLINE is set: only files already in the HF cache ({hf_constants.HF_HUB_CACHE}) "
+                f"are used]")
     return " [or the Hub could not be reached]"
 
 
@@ -132,7 +135,8 @@ def hub_file(repo, filename, subfolder=None, repo_type="model", revision=None):
         path = os.path.join(repo, subfolder or "", filename)
         return path if os.path.isfile(path) else None
     try:
-        return hf_hub_download(repo, filename, subfolder=subfolder or None, repo_type=repo_type, revision=revision)
+        return hf_hub_download(repo, filename, subfolder=subfolder or None, repo_type=repo_type,
+                               revision=revision)
     except EntryNotFoundError:  # also what an offline cache miss raises (LocalEntryNotFoundError)
         return None
     except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:
@@ -162,11 +166,23 @@ def parse_hub_root(root):
 # -----------------------------------------------------------------------------
 # Checkpoint folders
 
-CHECKPOINT_FILES = ["config.json", "model.safetensors", "ema.safetensors", "README.md"]  # what a Hub repo holds
-# The frozen encoders of the released MicroDiT (SPEC A5): DFN5B CLIP text tower; SDXL VAE, or the 16-channel one.
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "ema.safetensors", "README.md"]  # a Hub repo's files
+# The frozen encoders of the released MicroDiT (SPEC A5): DFN5B CLIP text tower; SDXL VAE or 16-channel VAE
 RELEASED_TEXT_ENCODER = {"type": "clip", "repo": "apple/DFN5B-CLIP-ViT-H-14-378", "subfolder": None}
 RELEASED_VAES = {4: {"type": "vae", "repo": "stabilityai/stable-diffusion-xl-base-1.0", "subfolder": "vae"},
                  16: {"type": "vae", "repo": "ostris/vae-kl-f8-d16", "subfolder": None}}
+
+
+def config_from_dict(kind, d, where="config"):
+    """A model config from plain data (config.json), with a clear error for unknown fields."""
+    if kind not in MODELS:
+        raise ValueError(f"{where}: unknown model type {kind!r}; expected one of {sorted(MODELS)}")
+    cls = MODELS[kind][0]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown {kind} config field(s) {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def list_checkpoints(out_dir):
@@ -179,7 +195,7 @@ def list_checkpoints(out_dir):
 
 
 def save_pretrained(folder, net, ema=None, extra=None):
-    """Write config.json, the model card and model.safetensors (and ema.safetensors) into an existing folder."""
+    """Write config.json, the model card, model.safetensors (and ema.safetensors) into an existing folder."""
     config = {"model_type": model_type(net.cfg), "model": asdict(net.cfg), **(extra or {})}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -199,10 +215,10 @@ def load_pretrained(ref, ema=True, device="cpu", official_preset="MicroDiT_XL_2"
         raise FileNotFoundError(f"{ref}: not a checkpoint folder (no config.json) nor a released .pt file")
     config = read_json(path)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ValueError(f"{path}: not a checkpoint config (expected an object with 'model_type' and 'model')")
+        raise ValueError(f"{path}: not a checkpoint config (expected an object with 'model_type', 'model')")
     net = build_model(config_from_dict(config.get("model_type"), config["model"], where=path))
-    weights = os.path.join(ref, "ema.safetensors" if ema and os.path.isfile(os.path.join(ref, "ema.safetensors"))
-                           else "model.safetensors")
+    use_ema = ema and os.path.isfile(os.path.join(ref, "ema.safetensors"))
+    weights = os.path.join(ref, "ema.safetensors" if use_ema else "model.safetensors")
     load_state_dict(net, read_weights(weights), weights)
     # sigma_data: recorded since the Denoiser owns it; older checkpoints have it in their train config
     sigma_data = config.get("sigma_data", config.get("train", {}).get("sigma_data", SIGMA_DATA))
@@ -218,7 +234,8 @@ def load_official(path, preset="MicroDiT_XL_2", device="cpu"):
     C, p = sd["x_embedder.proj.weight"].shape[1], sd["x_embedder.proj.weight"].shape[2]
     size = math.isqrt(sd["pos_embed"].shape[1]) * p
     # the 512px release keeps the 256px position range: interp scale = latent size / the preset's (SPEC A2)
-    cfg = get_config(preset, latent_channels=C, latent_size=size, pos_interp_scale=size / PRESETS[preset].latent_size)
+    cfg = get_config(preset, latent_channels=C, latent_size=size,
+                     pos_interp_scale=size / PRESETS[preset].latent_size)
     net = load_state_dict(build_model(cfg), sd, path)
     config = {"model_type": "MicroDiT", "model": asdict(cfg), "text_encoder": RELEASED_TEXT_ENCODER,
               "latents": RELEASED_VAES.get(C, {"type": "vae", "repo": None}), "sigma_data": SIGMA_DATA}
@@ -226,17 +243,17 @@ def load_official(path, preset="MicroDiT_XL_2", device="cpu"):
 
 
 def resolve_checkpoint(ref):
-    """A local path for a checkpoint reference: a checkpoint folder or file; a training output folder (its newest
-    ckpt-*); a Hub repo id 'user/name' (snapshot, cached); or a file in a Hub repo 'user/name/path/file.pt'."""
+    """A local path for a checkpoint reference: a checkpoint folder or file; a training output folder (its
+    newest ckpt-*); a Hub repo id 'user/name' (snapshot, cached); or a file of one: 'user/name/path/x.pt'."""
     if os.path.isfile(ref) or os.path.isfile(os.path.join(ref, "config.json")):
         return ref
     if os.path.isdir(ref):
         if done := list_checkpoints(ref):
             return done[0]
-        raise FileNotFoundError(f"{ref}: no checkpoint in this folder (no config.json, no complete ckpt-* folder)")
+        raise FileNotFoundError(f"{ref}: no checkpoint in this folder (no config.json, no ckpt-* folder)")
     parts = ref.strip("/").split("/")
-    if len(parts) < 2 or ref.startswith((".", "/")) or os.path.isdir(parts[0]):  # a local path that is not there
-        raise FileNotFoundError(f"no checkpoint at {ref!r}: not a local path, and not a Hub repo id 'user/name'")
+    if len(parts) < 2 or ref.startswith((".", "/")) or os.path.isdir(parts[0]):  # a local path, not there
+        raise FileNotFoundError(f"no checkpoint at {ref!r}: not a local path, nor a Hub repo id 'user/name'")
     repo = "/".join(parts[:2])
     try:
         if len(parts) > 2:
@@ -244,19 +261,21 @@ def resolve_checkpoint(ref):
         path = snapshot_download(repo, allow_patterns=CHECKPOINT_FILES)
     except (RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
             HFValidationError, OSError) as e:
-        raise FileNotFoundError(f"cannot fetch {ref!r} from the Hub: {type(e).__name__}{offline_hint()}") from None
+        raise FileNotFoundError(f"cannot fetch {ref!r} from the Hub: {type(e).__name__}{offline_hint()}") \
+            from None
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"Hub repo {repo} has no config.json: not a checkpoint of this project")
     return path
 
 
 def model_card(config):
-    """The model card (README.md) of a checkpoint: what it is, how to sample from it, its config and results."""
+    """The model card (README.md) of a checkpoint: what it is, how to sample from it, its config, results."""
     m, results = config["model"], config.get("results", {})
     data = ModelCardData(tags=["text-to-image", "diffusion", "microdit"], pipeline_tag="text-to-image")
     lines = [f"# {config['model_type']} ({config.get('train', {}).get('model', 'custom config')})", "",
-             "A text-to-image diffusion model trained with the minimal MicroDiT codebase (EDM objective).", "",
-             "```bash", "python sample.py --ckpt <this repo id> --prompt \"a red circle on the left\"", "```", "",
+             "A text-to-image diffusion model trained with the minimal MicroDiT codebase (EDM objective).",
+             "", "```bash", "python sample.py --ckpt <this repo id> --prompt \"a red circle on the left\"",
+             "```", "",
              f"Text encoder: `{json.dumps(config.get('text_encoder'))}`; "
              f"latents: `{json.dumps(config.get('latents'))}`", "",
              "| config | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in m.items()]
@@ -267,7 +286,7 @@ def model_card(config):
 
 
 def add_results(folder, results):
-    """Record measured results in a checkpoint's config.json and model card (each file replaced atomically)."""
+    """Record measured results in a checkpoint's config.json and model card (each replaced atomically)."""
     config = {**read_json(os.path.join(folder, "config.json")), "results": results}
     write_json(os.path.join(folder, "config.json"), config)
     with atomic_write(os.path.join(folder, "README.md")) as tmp:
@@ -295,12 +314,14 @@ def save_train_state(folder, opt, state):
 
 
 def read_checkpoint(folder, full=True):
-    """The files of a checkpoint as {'model', 'ema', 'opt': tensors, 'state': state.json}, or only the weights
-    (not full: a Hub checkpoint has no training state); raises on a missing or corrupt file before any is loaded."""
+    """The files of a checkpoint as {'model', 'ema', 'opt': tensors, 'state': state.json}, or only the
+    weights (not full: a Hub checkpoint has no training state); raises on a missing or corrupt file before
+    any is loaded."""
     path = lambda name: os.path.join(folder, name)
     ckpt = {"model": read_weights(path("model.safetensors")), "ema": None, "opt": None, "state": {}}
     if full:
-        ckpt["ema"] = read_weights(path("ema.safetensors")) if os.path.isfile(path("ema.safetensors")) else None
+        if os.path.isfile(path("ema.safetensors")):
+            ckpt["ema"] = read_weights(path("ema.safetensors"))
         ckpt["opt"] = read_weights(path("state.safetensors"))
         ckpt["state"] = read_json(path("state.json"))
     return ckpt

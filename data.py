@@ -51,9 +51,9 @@ def _save_shard(path, latents, text, captions):
 
 def _write_index(out_dir, shards, shard_size, latent_shape, text_shape, meta):
     """Write index.json last and atomically: until it exists, the folder is not a dataset."""
-    index = {"format": FORMAT, "version": VERSION, "count": sum(s["count"] for s in shards), "shard_size": shard_size,
-             "latent_shape": list(latent_shape), "text_shape": list(text_shape), "dtype": "float16",
-             "meta": meta, "shards": shards}
+    index = {"format": FORMAT, "version": VERSION, "count": sum(s["count"] for s in shards),
+             "shard_size": shard_size, "latent_shape": list(latent_shape), "text_shape": list(text_shape),
+             "dtype": "float16", "meta": meta, "shards": shards}
     write_json(os.path.join(out_dir, "index.json"), index, indent=1)
 
 
@@ -62,7 +62,8 @@ class ShardWriter:
 
     def __init__(self, out_dir, shard_size=4096, meta=None):
         if os.path.exists(os.path.join(out_dir, "index.json")):
-            raise FileExistsError(f"{out_dir} already holds a dataset (index.json); delete it or write elsewhere")
+            raise FileExistsError(f"{out_dir} already holds a dataset (index.json); "
+                                  f"delete it or write elsewhere")
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.shard_size, self.meta = out_dir, shard_size, meta or {}
         self.shards, self.buf, self.shapes, self.count = [], [], None, 0
@@ -72,8 +73,8 @@ class ShardWriter:
         shapes = (list(latent.shape), list(text.shape))
         self.shapes = self.shapes or shapes
         if shapes != self.shapes or not isinstance(caption, str):
-            raise ValueError(f"ShardWriter({self.out_dir}): record {self.count} has latent/text shapes {shapes}"
-                             f" and caption {caption!r}; expected {self.shapes} and a string")
+            raise ValueError(f"ShardWriter({self.out_dir}): record {self.count} has latent/text shapes "
+                             f"{shapes} and caption {caption!r}; expected {self.shapes} and a string")
         self.buf.append((latent, text, caption))
         self.count += 1
         if len(self.buf) == self.shard_size:
@@ -96,12 +97,14 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, *_):
-        if exc_type is None:  # on an error no index.json is written, so the folder is not mistaken for a dataset
+        # on an error no index.json is written, so the folder is not mistaken for a dataset
+        if exc_type is None:
             self.close()
 
 
 def resolve_file(root, name):
-    """Local path of file `name` of the dataset at `root`, a folder or a Hub dataset (downloaded once, then cached)."""
+    """Local path of file `name` of the dataset at `root`, a folder or a Hub dataset
+    (downloaded once, then cached)."""
     if root.startswith("hf://"):
         repo, revision, subdir = parse_hub_root(root)
         if path := hub_file(repo, name, subdir, repo_type="dataset", revision=revision):
@@ -127,7 +130,8 @@ def read_index(root):
     path = resolve_file(root, "index.json")
     index = read_json(path)
     try:
-        fields = [index[k] for k in ("format", "version", "shard_size", "latent_shape", "text_shape", "shards")]
+        fields = [index[k] for k in ("format", "version", "shard_size", "latent_shape", "text_shape",
+                                     "shards")]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a valid index ({type(e).__name__}: {e})") from e
     if fields[:2] != [FORMAT, VERSION]:
@@ -136,11 +140,13 @@ def read_index(root):
 
 
 def read_shard(root, index, i, path=None):
-    """Shard i of a dataset as (latents fp16 (N,C,H,W), text fp16 (N,L,D), captions), checked against the index."""
+    """Shard i of a dataset as (latents fp16 (N,C,H,W), text fp16 (N,L,D), captions),
+    checked against the index."""
     entry = index["shards"][i]
     path, n = path or resolve_file(root, entry["file"]), entry["count"]  # path: when already fetched
     if (size := os.path.getsize(path)) != entry["bytes"]:
-        raise ValueError(f"{path}: {size} bytes but index.json says {entry['bytes']} (truncated or replaced?)")
+        raise ValueError(f"{path}: {size} bytes but index.json says {entry['bytes']} "
+                         f"(truncated or replaced?)")
     try:
         with safe_open(path, "pt") as f:
             latents, text = f.get_tensor("latents"), f.get_tensor("text")
@@ -149,7 +155,8 @@ def read_shard(root, index, i, path=None):
         raise ValueError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from e
     for key, t, shape in (("latents", latents, index["latent_shape"]), ("text", text, index["text_shape"])):
         if t.dtype != torch.float16 or list(t.shape) != [n] + shape:
-            raise ValueError(f"{path}: {key} is {t.dtype} {list(t.shape)}, index.json says float16 {[n] + shape}")
+            raise ValueError(f"{path}: {key} is {t.dtype} {list(t.shape)}, "
+                             f"index.json says float16 {[n] + shape}")
     if len(captions) != n or not all(isinstance(c, str) for c in captions):
         raise ValueError(f"{path}: {len(captions)} captions for {n} records")
     return latents, text, captions
@@ -159,7 +166,8 @@ def load_all(root):
     """A whole (small) dataset in memory: {'latent': (N,C,H,W), 'text': (N,L,D) float32, 'caption': list}."""
     index = read_index(root)
     latents, text, captions = zip(*(read_shard(root, index, i) for i in range(len(index["shards"]))))
-    return {"latent": torch.cat(latents).float(), "text": torch.cat(text).float(), "caption": sum(captions, [])}
+    return {"latent": torch.cat(latents).float(), "text": torch.cat(text).float(),
+            "caption": sum(captions, [])}
 
 # -----------------------------------------------------------------------------
 # Streaming reader. Epoch e: shards are permuted by (seed, e), dealt to ranks, then to DataLoader
@@ -172,7 +180,8 @@ def load_all(root):
 
 
 def _prefetched(pool, fn, items, ahead):
-    """(item, fn(item)) for each item in order, with fn running in `pool` up to `ahead` items before it is needed."""
+    """(item, fn(item)) for each item in order, with fn running in `pool` up to `ahead` items
+    before it is needed."""
     queue = collections.deque()
     for item in items:
         queue.append((item, pool.submit(fn, item)))
@@ -185,17 +194,21 @@ def _prefetched(pool, fn, items, ahead):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless shuffled stream of {'latent': (C,H,W), 'text': (L,D) float32, 'caption': str} from a folder or Hub."""
+    """Endless shuffled stream of {'latent': (C,H,W), 'text': (L,D) float32, 'caption': str}
+    from a folder or Hub."""
 
-    def __init__(self, root, seed=0, rank=0, world_size=1, shuffle_buffer=8192, start=0, batch_size=1, prefetch=1):
+    def __init__(self, root, seed=0, rank=0, world_size=1, shuffle_buffer=8192, start=0, batch_size=1,
+                 prefetch=1):
         self.root, self.seed, self.rank, self.world_size = root, seed, rank, world_size
-        self.start, self.batch_size = start, batch_size  # batch_size: the DataLoader's, to split `start` by worker
+        # batch_size: the DataLoader's, to split `start` by worker
+        self.start, self.batch_size = start, batch_size
         self.prefetch = prefetch  # groups of shards fetched ahead of the one being read
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardStream: rank {rank} is not in [0, world_size={world_size})")
         self.index = read_index(root)
         counts = [s["count"] for s in self.index["shards"]]
-        self.counts, self.offsets = np.array(counts), np.cumsum([0] + counts)  # offsets: first record id of shards
+        # offsets: first record id of shards
+        self.counts, self.offsets = np.array(counts), np.cumsum([0] + counts)
         self.group = max(1, math.ceil(shuffle_buffer / self.index["shard_size"]))  # shards shuffled together
 
     def _shards(self, epoch, worker, num_workers):
@@ -212,12 +225,15 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield ids, np.random.default_rng([self.seed, epoch, int(ids[0])]).permutation(n)
 
     def epoch_order(self, epoch, worker=0, num_workers=1):
-        """Global record ids (position in the dataset) in the order this rank's worker yields them in `epoch`."""
-        return np.concatenate([np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in ids])[order]
+        """Global record ids (position in the dataset) in the order this rank's worker yields them
+        in `epoch`."""
+        return np.concatenate([np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1])
+                                               for s in ids])[order]
                                for ids, order in self._groups(epoch, worker, num_workers)])
 
     def _reads(self, worker, num_workers, skip):
-        """(shard ids, order of the records still to yield) of every group this worker reads, epoch after epoch."""
+        """(shard ids, order of the records still to yield) of every group this worker reads,
+        epoch after epoch."""
         epoch = 0
         while True:
             if skip >= (n := self.counts[self._shards(epoch, worker, num_workers)].sum()):
@@ -244,7 +260,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         skip = self.start  # samples of this worker's stream to pass over
         if num_workers > 1:
             if self.start % self.batch_size:
-                raise ValueError(f"ShardStream: start={self.start} is not a multiple of batch_size={self.batch_size}")
+                raise ValueError(f"ShardStream: start={self.start} is not a multiple of "
+                                 f"batch_size={self.batch_size}")
             # The DataLoader takes whole batches from its workers in turn and, after a restart, begins again
             # at worker 0; so worker w takes over the part of the worker that was due `extra` turns later.
             rounds, extra = divmod(self.start // self.batch_size, num_workers)
@@ -259,7 +276,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 latents, text, captions = torch.cat(latents), torch.cat(text), sum(captions, [])
                 for j in order:
                     yield {"latent": latents[j].float(), "text": text[j].float(), "caption": captions[j]}
-        finally:  # a stream dropped by its reader stops fetching; a download under way finishes in the background
+        finally:
+            # a stream dropped by its reader stops fetching; a download under way finishes in the background
             pool.shutdown(wait=False, cancel_futures=True)
 
 # -----------------------------------------------------------------------------
@@ -281,12 +299,14 @@ class Pair(NamedTuple):
 
 
 def list_pairs(src):
-    """Image-caption pairs of a folder (images with same-name .txt captions) or of a .jsonl/.csv (path, caption)."""
+    """Image-caption pairs of a folder (images with same-name .txt captions) or of a .jsonl/.csv
+    (path, caption)."""
     if os.path.isdir(src):  # every image in the tree, in sorted order
         pairs = []
         for folder, dirs, files in os.walk(src):
             dirs.sort()
-            pairs += [Pair(os.path.join(folder, f), None, os.path.join(folder, os.path.splitext(f)[0] + ".txt"))
+            pairs += [Pair(os.path.join(folder, f), None,
+                           os.path.join(folder, os.path.splitext(f)[0] + ".txt"))
                       for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
         return pairs
     if not os.path.isfile(src):
@@ -306,14 +326,16 @@ def list_pairs(src):
         raise ValueError(f"{src}: expected a folder of images with .txt captions, or a .jsonl or .csv file")
     base, pairs = os.path.dirname(os.path.abspath(src)), []
     for n, row in rows:  # image paths are relative to the list's folder
-        if not (isinstance(row, dict) and isinstance(row.get("path"), str) and isinstance(row.get("caption", 0), str)):
+        if not (isinstance(row, dict) and isinstance(row.get("path"), str)
+                and isinstance(row.get("caption", 0), str)):
             raise ValueError(f"{src}:{n}: expected string fields 'path' and 'caption', got {str(row)[:100]}")
         pairs.append(Pair(os.path.join(base, row["path"]), row["caption"], None))
     return pairs
 
 
 def resize_center_crop(img, res):
-    """PIL image -> uint8 (res, res, 3): short side resized to res (bicubic), then the centre cropped (SPEC A4)."""
+    """PIL image -> uint8 (res, res, 3): short side resized to res (bicubic), then the centre
+    cropped (SPEC A4)."""
     w, h = img.size
     w2, h2 = max(res, round(w * res / min(w, h))), max(res, round(h * res / min(w, h)))
     left, top = (w2 - res) // 2, (h2 - res) // 2
@@ -321,7 +343,8 @@ def resize_center_crop(img, res):
 
 
 def load_pair(pair, resolutions):
-    """(list of uint8 (res, res, 3) images, caption), or (None, (reason, detail)) for a pair that is skipped."""
+    """(list of uint8 (res, res, 3) images, caption), or (None, (reason, detail)) for a pair
+    that is skipped."""
     caption = pair.caption
     if pair.caption_file:
         try:
@@ -335,13 +358,15 @@ def load_pair(pair, resolutions):
     try:
         with Image.open(pair.image) as img:
             img = ImageOps.exif_transpose(img).convert("RGB")  # camera photos: apply the EXIF orientation
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files: all are reported
+    except Exception as e:
+        # Pillow raises OSError, SyntaxError, ValueError, ... for broken files: all are reported
         return None, ("unreadable image", f"{type(e).__name__}: {e}")
     return [resize_center_crop(img, r) for r in resolutions], caption.strip()
 
 
 def posterior_noise(vae, ids, res, seed):
-    """The posterior noise (B, C, res/f, res/f) of inputs `ids`: each from its own stream, so no batch matters."""
+    """The posterior noise (B, C, res/f, res/f) of inputs `ids`: each from its own stream,
+    so no batch matters."""
     shape = (vae.latent_channels, res // vae.downsample_factor, res // vae.downsample_factor)
     return torch.from_numpy(np.stack([np.random.default_rng([seed, i, res]).standard_normal(shape, np.float32)
                                       for i in ids]))
@@ -359,12 +384,15 @@ def encode_batch(vae, enc, ids, images, captions, resolutions, seed=0, sample=Tr
 
 
 def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae", text_encoder=DFN5B_CLIP,
-            text_encoder_subfolder=None, batch_size=32, device="cpu", shard_size=1024, seed=0, sample=True, workers=8):
-    """Encode the image-caption pairs of `src` into a shard dataset OUT/<res>/ per resolution; returns the report."""
+            text_encoder_subfolder=None, batch_size=32, device="cpu", shard_size=1024, seed=0, sample=True,
+            workers=8):
+    """Encode the image-caption pairs of `src` into a shard dataset OUT/<res>/ per resolution;
+    returns the report."""
     t0, pairs = time.time(), list_pairs(src)
     if not pairs:
         raise ValueError(f"{src}: no image-caption pairs found (images: {', '.join(IMAGE_EXTS)})")
-    vae, enc = load_vae(vae, vae_subfolder, device), load_text_encoder(text_encoder, text_encoder_subfolder, device)
+    vae, enc = (load_vae(vae, vae_subfolder, device),
+                load_text_encoder(text_encoder, text_encoder_subfolder, device))
     f = vae.downsample_factor
     if bad := [r for r in resolutions if r % f]:
         raise ValueError(f"--res {bad}: not multiples of the VAE's downsampling factor {f}")
@@ -377,7 +405,8 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
     state_path, dirs = os.path.join(out, "prepare.json"), {r: os.path.join(out, str(r)) for r in resolutions}
     state = read_json(state_path) if os.path.exists(state_path) else {"settings": settings, "shards": {}}
     if state["settings"] != settings:
-        diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+        diff = {k: (state["settings"].get(k), v) for k, v in settings.items()
+                if state["settings"].get(k) != v}
         raise ValueError(f"{out} holds shards prepared from other inputs or settings (then, now): {diff}; "
                          f"delete it or prepare into another folder")
     for d in dirs.values():
@@ -388,11 +417,13 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
         entry = state["shards"].get(str(k))
         return entry is not None and all(os.path.isfile(p := os.path.join(dirs[int(r)], file(k)))
                                          and os.path.getsize(p) == size for r, size in entry["bytes"].items())
-    chunks = [range(a, min(a + shard_size, len(pairs))) for a in range(0, len(pairs), shard_size)]  # one per shard
+    # chunks of input pairs: one per shard
+    chunks = [range(a, min(a + shard_size, len(pairs))) for a in range(0, len(pairs), shard_size)]
     todo = [k for k in range(len(chunks)) if not finished(k)]
     done = len(pairs) - sum(len(chunks[k]) for k in todo)
     load, t1 = (lambda i: load_pair(pairs[i], resolutions)), time.time()
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(pairs), initial=done, desc="prepare", unit="img") as bar:
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(pairs), initial=done, desc="prepare",
+                                                   unit="img") as bar:
         for k in todo:
             latents, text, captions, skipped, batch = {r: [] for r in resolutions}, [], [], [], []
             for n, (i, (images, info)) in enumerate(_prefetched(pool, load, chunks[k], 2 * batch_size), 1):
@@ -409,33 +440,37 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
                 bar.update()
             entry = {"count": len(captions), "bytes": {}, "skipped": skipped}
             for r in resolutions if captions else []:  # a shard whose every pair was skipped has no file
-                saved = _save_shard(os.path.join(dirs[r], file(k)), torch.cat(latents[r]), torch.cat(text), captions)
+                saved = _save_shard(os.path.join(dirs[r], file(k)), torch.cat(latents[r]), torch.cat(text),
+                                    captions)
                 entry["bytes"][str(r)] = saved["bytes"]
             state["shards"][str(k)] = entry  # recorded only once all its files are written
             write_json(state_path, state, indent=1)
 
     entries = [state["shards"][str(k)] for k in range(len(chunks))]
     for r in resolutions:
+        # the last three (text_dim, max_len, latent) as in the shapes meta
         meta = {"dataset": "prepared", "source": settings["source"], "res": r, "seed": seed,
                 "posterior": settings["posterior"], "text_encoder": enc.spec, "latents": vae.spec,
-                "text_dim": enc.dim, "max_len": enc.max_len, "latent": "vae"}  # the last three as in the shapes meta
+                "text_dim": enc.dim, "max_len": enc.max_len, "latent": "vae"}
         shards = [{"file": file(k), "count": e["count"], "bytes": e["bytes"][str(r)]}
                   for k, e in enumerate(entries) if e["count"]]
         if shards:
             _write_index(dirs[r], shards, shard_size, (vae.latent_channels, r // f, r // f),
                          (enc.max_len, enc.dim), meta)
     skipped = [s for e in entries for s in e["skipped"]]
-    seconds, written = time.time() - t0, sum(e["count"] for e in entries)  # pairs/s: without loading the encoders
+    # pairs/s: without loading the encoders
+    seconds, written = time.time() - t0, sum(e["count"] for e in entries)
     report = {"source": settings["source"], "pairs": len(pairs), "written": written, "skipped": len(skipped),
-              "reasons": dict(collections.Counter(s["reason"] for s in skipped)), "datasets": list(dirs.values()),
-              "shards": len(chunks), "shards_already_done": len(chunks) - len(todo), "seconds": round(seconds, 2),
+              "reasons": dict(collections.Counter(s["reason"] for s in skipped)),
+              "datasets": list(dirs.values()), "shards": len(chunks),
+              "shards_already_done": len(chunks) - len(todo), "seconds": round(seconds, 2),
               "pairs_per_s": round((len(pairs) - done) / (time.time() - t1), 2), "skipped_pairs": skipped}
     write_json(os.path.join(out, "report.json"), report, indent=1)
     reasons = ", ".join(f"{v} {k}" for k, v in report["reasons"].items()) or "none"
     print(f"prepare: {written} of {len(pairs)} pairs -> {', '.join(dirs.values())}; skipped {len(skipped)} "
-          f"({reasons}), listed in {os.path.join(out, 'report.json')}; {len(chunks) - len(todo)} of {len(chunks)} "
-          f"shards were already done; {len(pairs) - done} pairs encoded ({report['pairs_per_s']:.0f}/s), "
-          f"{seconds:.1f}s in all")
+          f"({reasons}), listed in {os.path.join(out, 'report.json')}; "
+          f"{len(chunks) - len(todo)} of {len(chunks)} shards were already done; "
+          f"{len(pairs) - done} pairs encoded ({report['pairs_per_s']:.0f}/s), {seconds:.1f}s in all")
     if not written:
         raise ValueError(f"{src}: none of the {len(pairs)} pairs could be used; see {out}/report.json")
     return report
@@ -456,40 +491,45 @@ def _write_shapes(out, scenes, res, enc, shard_size, meta, desc):
             bar.update(len(chunk))
 
 
-def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, max_len=24, val=512, context=0.7):
+def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, max_len=24, val=512,
+                        context=0.7):
     """Write the shapes dataset (n train images in out/, `val` held-out ones in out/val/) unless it exists."""
     # below 16px the scorer cannot tell shapes apart, but 8px images still serve the fast plumbing tests
     if n < 1 or res < 8:
         raise ValueError(f"make_shapes_dataset: need n >= 1 and res >= 8, got n={n}, res={res}")
     enc = shapes.BuiltinTextEncoder(text_dim, max_len, context)
-    scenes_id = zlib.crc32(json.dumps([shapes.COLOURS, shapes.POSITIONS, shapes.SIZES, shapes.GAP, shapes.SUPERSAMPLE,
-                                       shapes.HELDOUT_EVERY]).encode())
+    scenes_id = zlib.crc32(json.dumps([shapes.COLOURS, shapes.POSITIONS, shapes.SIZES, shapes.GAP,
+                                       shapes.SUPERSAMPLE, shapes.HELDOUT_EVERY]).encode())
     request = {"dataset": "shapes", "n": n, "res": res, "seed": seed, "val": val, "text_dim": text_dim,
                "max_len": max_len}
-    meta = {**request, "latent": "pixels", "encoder": enc.name, "scenes_id": scenes_id, "text_encoder": enc.spec,
-            "latents": PIXELS}
+    meta = {**request, "latent": "pixels", "encoder": enc.name, "scenes_id": scenes_id,
+            "text_encoder": enc.spec, "latents": PIXELS}
     if os.path.exists(os.path.join(out, "index.json")):  # written last, so the dataset is complete
         if (old := read_index(out)["meta"]) == meta:
             print(f"{out}: using the shapes dataset already there")
             return out
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         if any(old.get(k) != v for k, v in request.items()):
-            raise ValueError(f"{out} holds a different dataset (existing, requested): {diff}; delete it or pick "
-                             f"another folder")
+            raise ValueError(f"{out} holds a different dataset (existing, requested): {diff}; "
+                             f"delete it or pick another folder")
         # The same request written by another version of this file: the dataset is a pure function of the
         # request and the code, so it is safe to write it again (a data_cache folder simply follows the code).
-        print(f"{out}: rewriting the shapes dataset, written by another version of data.py (changed: {sorted(diff)})")
+        print(f"{out}: rewriting the shapes dataset, written by another version of data.py "
+              f"(changed: {sorted(diff)})")
         os.remove(os.path.join(out, "index.json"))
     t0 = time.time()
     if val:
         val_dir = os.path.join(out, "val")
-        if os.path.exists(os.path.join(val_dir, "index.json")):  # left by an interrupted run, or an older version
+        # an index.json already there: left by an interrupted run, or an older version
+        if os.path.exists(os.path.join(val_dir, "index.json")):
             os.remove(os.path.join(val_dir, "index.json"))
         scenes = [shapes.parse_caption(c) for c in shapes.heldout_captions(val, seed)]
         _write_shapes(val_dir, scenes, res, enc, shard_size, {**meta, "split": "val"}, "shapes val")
-    _write_shapes(out, [shapes.train_scene(seed, i) for i in range(n)], res, enc, shard_size, meta, "shapes train")
+    _write_shapes(out, [shapes.train_scene(seed, i) for i in range(n)], res, enc, shard_size, meta,
+                  "shapes train")
     dt = time.time() - t0
-    print(f"{out}: wrote {n} train + {val} val images at {res}px in {dt:.1f}s ({(n + val) / dt:.0f} images/s)")
+    print(f"{out}: wrote {n} train + {val} val images at {res}px in {dt:.1f}s "
+          f"({(n + val) / dt:.0f} images/s)")
     return out
 
 
@@ -500,18 +540,21 @@ def main():
     p.add_argument("--out", required=True, help="output folder; the held-out split goes to OUT/val")
     p.add_argument("--n", type=int, required=True, help="number of training images")
     p.add_argument("--res", type=int, default=32, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scenes (the dataset is a pure function of it)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the scenes (the dataset is a pure function of it)")
     p.add_argument("--shard-size", type=int, default=4096, help="records per shard")
     p.add_argument("--text-dim", type=int, default=64, help="built-in text encoder width")
     p.add_argument("--max-len", type=int, default=24, help="caption tokens (padded or truncated)")
-    p.add_argument("--text-context", type=float, default=0.7, help="built-in text encoder's causal context; 0 = none")
+    p.add_argument("--text-context", type=float, default=0.7,
+                   help="built-in text encoder's causal context; 0 = none")
     p.add_argument("--val", type=int, default=512, help="held-out images written to OUT/val (0: none)")
-    p = sub.add_parser("prepare", help="encode image-caption pairs into VAE latents + caption features (resumable)")
-    p.add_argument("--input", required=True, help="a folder of images with same-name .txt captions, or a .jsonl "
-                   "or .csv with 'path' (relative to its folder) and 'caption'")
+    p = sub.add_parser("prepare",
+                       help="encode image-caption pairs into VAE latents + caption features (resumable)")
+    p.add_argument("--input", required=True, help="a folder of images with same-name .txt captions, "
+                   "or a .jsonl or .csv with 'path' (relative to its folder) and 'caption'")
     p.add_argument("--out", required=True, help="output folder: OUT/<res>/ per resolution, OUT/report.json")
-    p.add_argument("--res", type=int, nargs="+", default=[256, 512], help="image sides (short side resized, centre "
-                   "crop)")
+    p.add_argument("--res", type=int, nargs="+", default=[256, 512],
+                   help="image sides (short side resized, centre crop)")
     p.add_argument("--vae", default=SDXL_VAE, help="Hub repo or local folder of a diffusers AutoencoderKL")
     p.add_argument("--vae-subfolder", default="vae", help="its subfolder (the repo root is tried next)")
     p.add_argument("--text-encoder", default=DFN5B_CLIP, help="Hub repo or local folder of a CLIP model "
@@ -519,7 +562,8 @@ def main():
     p.add_argument("--text-encoder-subfolder", default=None, help="its subfolder, e.g. text_encoder_2")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--shard-size", type=int, default=1024, help="input pairs per shard (skipped ones leave gaps)")
+    p.add_argument("--shard-size", type=int, default=1024,
+                   help="input pairs per shard (skipped ones leave gaps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
     g = p.add_mutually_exclusive_group()
@@ -528,12 +572,12 @@ def main():
     g.add_argument("--mean", dest="sample", action="store_false", help="store posterior means instead")
     args = parser.parse_args()
     if args.command == "shapes":
-        make_shapes_dataset(args.out, args.n, args.res, args.seed, args.shard_size, args.text_dim, args.max_len,
-                            args.val, args.text_context)
+        make_shapes_dataset(args.out, args.n, args.res, args.seed, args.shard_size, args.text_dim,
+                            args.max_len, args.val, args.text_context)
     else:
         prepare(args.input, args.out, args.res, args.vae, args.vae_subfolder, args.text_encoder,
-                args.text_encoder_subfolder, args.batch_size, args.device, args.shard_size, args.seed, args.sample,
-                args.workers)
+                args.text_encoder_subfolder, args.batch_size, args.device, args.shard_size, args.seed,
+                args.sample, args.workers)
 
 
 if __name__ == "__main__":

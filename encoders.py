@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import RELEASED_TEXT_ENCODER, RELEASED_VAES, find_file, hub_file, load_state_dict, read_json, \
-    read_weights
+from checkpoint import (RELEASED_TEXT_ENCODER, RELEASED_VAES, find_file, hub_file, load_state_dict, read_json,
+                        read_weights)
 from shapes import BuiltinTextEncoder
 
 SDXL_VAE = RELEASED_VAES[4]["repo"]  # subfolder "vae"; 4 channels, scaling_factor 0.13025 (SPEC A5)
@@ -33,52 +33,63 @@ def frozen(model, device, dtype=torch.float32):
 
 
 def spec_repo(repo):
-    """How a spec names a repo: a local folder by its absolute path (so it works from any directory), else the id."""
+    """How a spec names a repo: a local folder by its absolute path (so it works from any directory),
+    else the id."""
     return os.path.abspath(repo) if os.path.isdir(repo) else repo
 
 # -----------------------------------------------------------------------------
-# CLIP BPE tokenizer (byte-level BPE over the 49,408-entry CLIP vocabulary), without ftfy or the `regex` module
+# CLIP BPE tokenizer (byte-level BPE over the 49,408-entry CLIP vocabulary),
+# without ftfy or the `regex` module
 
 
 def _ftfy_lite():
-    """str.translate table for the fixes of ftfy.fix_text that change valid-UTF-8 text (ftfy is not a runtime dep)."""
+    """str.translate table for the fixes of ftfy.fix_text that change valid-UTF-8 text
+    (ftfy is not a runtime dep)."""
     # Kept: invisible control characters deleted, C1 controls read as the cp1252 characters they usually are,
-    # full/half-width forms, the ideographic space and Latin ligatures to normal letters, curly quotes straightened.
-    # Not repeated: mojibake repair (text decoded with the wrong codec, e.g. "cafÃ©") and rarer heuristics.
+    # full/half-width forms, the ideographic space and Latin ligatures to normal letters, curly quotes
+    # straightened. Not repeated: mojibake repair (text decoded with the wrong codec, e.g. "cafÃ©") and
+    # rarer heuristics.
     quotes = {**dict.fromkeys(map(ord, "\u02bc\u2018\u2019\u201a\u201b"), "'"),
               **dict.fromkeys(map(ord, "\u201c\u201d\u201e\u201f"), '"')}
     table = dict.fromkeys([*range(0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
                            *range(0xFFF9, 0xFFFD)])  # deleted
-    table |= {i: bytes([i]).decode("cp1252") for i in range(0x80, 0xA0) if i not in (0x81, 0x8D, 0x8F, 0x90, 0x9D)}
-    wide_and_ligatures = [*range(0xFF01, 0xFFF0), *range(0xFB00, 0xFB07), 0x132, 0x133, 0x149, *range(0x1C4, 0x1CD),
-                          *range(0x1F1, 0x1F4)]
+    table |= {i: bytes([i]).decode("cp1252") for i in range(0x80, 0xA0)
+              if i not in (0x81, 0x8D, 0x8F, 0x90, 0x9D)}
+    wide_and_ligatures = [*range(0xFF01, 0xFFF0), *range(0xFB00, 0xFB07), 0x132, 0x133, 0x149,
+                          *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4)]
     table |= {i: unicodedata.normalize("NFKC", chr(i)) for i in wide_and_ligatures}
     table |= {0x3000: " ", 0xFB05: "\u017ft"} | quotes  # ftfy spells the long-s-t ligature with a long s
-    return {k: v and v.translate(quotes) for k, v in table.items()}  # one pass: quotes produced above straightened too
+    # one pass: quotes produced above straightened too
+    return {k: v and v.translate(quotes) for k, v in table.items()}
 
 
 _FTFY_LITE = _ftfy_lite()
 
 
 def clean_caption(text):
-    """CLIP's text cleaning: HTML unescape (twice), ftfy-lite + NFC, whitespace runs to one space, lower case."""
+    """CLIP's text cleaning: HTML unescape (twice), ftfy-lite + NFC, whitespace runs to one space,
+    lower case."""
     text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)).translate(_FTFY_LITE))
     return " ".join(text.split()).lower()
 
 
 @functools.lru_cache(maxsize=None)
 def _byte_to_unicode():
-    """The GPT-2/CLIP table mapping each byte to a printable character, so BPE never sees spaces or control bytes."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """The GPT-2/CLIP table mapping each byte to a printable character,
+    so BPE never sees spaces or control bytes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]  # the rest are shifted to code points 256, 257, ...
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
 @functools.lru_cache(maxsize=1)
 def _split_regex():
-    """CLIP's pre-tokenizer  's|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+  written for the `re` module."""
-    # In `re`, [^\W\d_] is "a letter or a non-decimal number": the ~1,100 non-decimal numbers (categories Nl/No, e.g.
-    # ², ½, Ⅻ, ①) are listed explicitly so that letter runs stop at them and they count as single numbers, as \p{N}.
+    """CLIP's pre-tokenizer  's|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+
+    written for the `re` module."""
+    # In `re`, [^\W\d_] is "a letter or a non-decimal number": the ~1,100 non-decimal numbers
+    # (categories Nl/No, e.g. ², ½, Ⅻ, ①) are listed explicitly so that letter runs stop at them
+    # and they count as single numbers, as \p{N}.
     numbers = [ord(c) for c in filter(str.isnumeric, map(chr, range(sys.maxunicode + 1)))
                if not c.isalpha() and not c.isdecimal()]
     runs = []
@@ -96,23 +107,29 @@ class CLIPTokenizer:
 
     def __init__(self, vocab, merges, pad=0, max_len=77):
         self.vocab, self.ranks, self.max_len = vocab, {m: i for i, m in enumerate(merges)}, max_len
-        self.sot, self.eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]  # 49406, 49407 in the real vocabulary
-        self.pad_id = vocab[pad] if isinstance(pad, str) else pad  # open_clip pads with 0, HF with its pad_token
+        # 49406, 49407 in the real vocabulary
+        self.sot, self.eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+        # open_clip pads with 0, HF with its pad_token
+        self.pad_id = vocab[pad] if isinstance(pad, str) else pad
         self.byte_encoder = _byte_to_unicode()
         self._bpe = functools.lru_cache(maxsize=1 << 16)(self._merge)
 
     @classmethod
     def from_hf_files(cls, vocab_json, merges_txt, pad="<|endoftext|>", max_len=77):
-        """From a Hugging Face vocab.json + merges.txt (the first line of merges.txt is a '#version' header)."""
+        """From a Hugging Face vocab.json + merges.txt
+        (the first line of merges.txt is a '#version' header)."""
         with open(merges_txt, encoding="utf-8") as f:
-            merges = [tuple(line.split()) for line in f.read().split("\n") if line and not line.startswith("#version")]
+            merges = [tuple(line.split()) for line in f.read().split("\n")
+                      if line and not line.startswith("#version")]
         return cls(read_json(vocab_json), merges, pad, max_len)
 
     @classmethod
     def from_bpe_file(cls, path, pad=0, max_len=77):
-        """From open_clip's / OpenAI's bpe_simple_vocab_16e6.txt.gz: the vocabulary is rebuilt from the merges."""
+        """From open_clip's / OpenAI's bpe_simple_vocab_16e6.txt.gz:
+        the vocabulary is rebuilt from the merges."""
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]  # 48,894 merges
+            # 48,894 merges
+            merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
         units = list(_byte_to_unicode().values())
         tokens = [*units, *(u + "</w>" for u in units), *("".join(m) for m in merges)]
         tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -137,15 +154,18 @@ class CLIPTokenizer:
         return parts
 
     def encode(self, text):
-        """One caption -> BPE ids, without start/end tokens. Special-token strings in the text are plain text."""
+        """One caption -> BPE ids, without start/end tokens.
+        Special-token strings in the text are plain text."""
         ids = []
         for word in _split_regex().findall(clean_caption(text)):
-            ids.extend(self.vocab[p] for p in self._bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
+            ids.extend(self.vocab[p]
+                       for p in self._bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
         return ids
 
     def __call__(self, captions):
         out = torch.full((len(captions), self.max_len), self.pad_id, dtype=torch.long)
-        for i, text in enumerate(captions):  # over-long captions are cut, keeping the end token (as open_clip and HF)
+        # over-long captions are cut, keeping the end token (as open_clip and HF)
+        for i, text in enumerate(captions):
             ids = [self.sot] + self.encode(text)[: self.max_len - 2] + [self.eot]
             out[i, : len(ids)] = torch.tensor(ids)
         return out
@@ -155,7 +175,8 @@ class CLIPTokenizer:
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the GELU approximation OpenAI CLIP was trained with (and DFN5B, whose config says so)."""
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI CLIP was trained with
+    (and DFN5B, whose config says so)."""
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -175,7 +196,8 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, T, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, T, head_dim) each
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # token t sees tokens <= t, as CLIP was trained
+        # token t sees tokens <= t, as CLIP was trained
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(x.transpose(1, 2).reshape(B, T, D))
 
 
@@ -186,8 +208,9 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(width, eps=eps), CausalSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, mlp_width), gelu=QuickGELU() if act == "quick_gelu"
-                                             else nn.GELU(), c_proj=nn.Linear(mlp_width, width)))
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, mlp_width),
+                                             gelu=QuickGELU() if act == "quick_gelu" else nn.GELU(),
+                                             c_proj=nn.Linear(mlp_width, width)))
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -195,14 +218,16 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
-    """Token ids (B, T) -> token features (B, T, width) after ln_final; no pooling, no text_projection (SPEC A5)."""
+    """Token ids (B, T) -> token features (B, T, width) after ln_final;
+    no pooling, no text_projection (SPEC A5)."""
 
     def __init__(self, vocab_size=49408, context_length=77, width=512, heads=8, layers=12, mlp_width=2048,
                  act="gelu", eps=1e-5):
         super().__init__()
         if act not in ("gelu", "quick_gelu"):
             raise ValueError(f"unsupported CLIP text activation {act!r} (expected 'gelu' or 'quick_gelu')")
-        # uninitialised like the other tensors, as its weights are always loaded (normal_ on the meta device takes 1s)
+        # uninitialised like the other tensors, as its weights are always loaded
+        # (normal_ on the meta device takes 1s)
         self.token_embedding = nn.Embedding.from_pretrained(torch.empty(vocab_size, width), freeze=False)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = nn.ModuleDict({"resblocks": nn.ModuleList(
@@ -230,7 +255,8 @@ class TextEncoder(nn.Module):
         return self.model(self.tokenizer(captions).to(self.model.positional_embedding.device))
 
 
-_HF_TO_OPEN_CLIP = [("embeddings.token_embedding.weight", "token_embedding.weight"), ("final_layer_norm", "ln_final"),
+_HF_TO_OPEN_CLIP = [("embeddings.token_embedding.weight", "token_embedding.weight"),
+                    ("final_layer_norm", "ln_final"),
                     ("embeddings.position_embedding.weight", "positional_embedding"), ("layer_norm1", "ln_1"),
                     ("encoder.layers.", "transformer.resblocks."), ("self_attn.out_proj", "attn.out_proj"),
                     ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
@@ -241,15 +267,18 @@ _UNUSED = ("visual.", "vision_model.", "visual_projection", "text_projection", "
 
 
 def hf_to_open_clip(sd):
-    """Rename an HF CLIPTextModel state dict to open_clip's layout, fusing q/k/v into in_proj_{weight,bias}."""
-    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}  # the prefix of checkpoints before transformers 5
+    """Rename an HF CLIPTextModel state dict to open_clip's layout,
+    fusing q/k/v into in_proj_{weight,bias}."""
+    # the prefix of checkpoints before transformers 5
+    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     for k in [k for k in sd if ".self_attn.q_proj." in k]:
         names = [k.replace("q_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
         if all(n in sd for n in names):  # otherwise they stay as they are, and the key check names them
             sd[k.replace("self_attn.q_proj.", "attn.in_proj_")] = torch.cat([sd.pop(n) for n in names])
     out = {}
     for k, v in sd.items():
-        if not re.search(r"self_attn\.[qkv]_proj", k):  # unfused leftovers keep their names for the error message
+        # unfused leftovers keep their names for the error message
+        if not re.search(r"self_attn\.[qkv]_proj", k):
             for a, b in _HF_TO_OPEN_CLIP:
                 k = k.replace(a, b)
         out[k] = v
@@ -258,27 +287,32 @@ def hf_to_open_clip(sd):
 
 def load_text_encoder(repo_or_path=DFN5B_CLIP, subfolder=None, device="cpu", dtype=torch.float32):
     """A frozen CLIP text tower + tokenizer from an open_clip or HF CLIPTextModel folder (format detected)."""
-    cfg_path, cfg_name, folder = find_file(repo_or_path, ["open_clip_config.json", "config.json"], [subfolder])
+    cfg_path, cfg_name, folder = find_file(repo_or_path, ["open_clip_config.json", "config.json"],
+                                           [subfolder])
     cfg = read_json(cfg_path)
     if cfg_name == "open_clip_config.json":  # open_clip: DFN5B, LAION ViT-H/14
         family, model_cfg = "open_clip", cfg.get("model_cfg", cfg)
         t = model_cfg.get("text_cfg", {})
-        odd = [k for k in ("hf_model_name", "ls_init_value", "no_causal_mask", "embed_cls", "act_kwargs") if t.get(k)]
+        odd = [k for k in ("hf_model_name", "ls_init_value", "no_causal_mask", "embed_cls", "act_kwargs")
+               if t.get(k)]
         if odd:
-            raise ValueError(f"{cfg_path}: text_cfg options {odd} are not supported (only the built-in text tower)")
+            raise ValueError(f"{cfg_path}: text_cfg options {odd} are not supported "
+                             "(only the built-in text tower)")
         width = t.get("width", 512)
-        arch = dict(vocab_size=t.get("vocab_size", 49408), context_length=t.get("context_length", 77), width=width,
-                    heads=t.get("heads", 8), layers=t.get("layers", 12), mlp_width=int(width * t.get("mlp_ratio", 4.0)),
+        arch = dict(vocab_size=t.get("vocab_size", 49408), context_length=t.get("context_length", 77),
+                    width=width, heads=t.get("heads", 8), layers=t.get("layers", 12),
+                    mlp_width=int(width * t.get("mlp_ratio", 4.0)),
                     act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", eps=1e-5)
         weight_names, convert = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"], lambda sd: sd
     else:  # HF: CLIPTextModel(WithProjection) config, or a full CLIPModel config with the text tower nested
         family, t = "hf", cfg.get("text_config", cfg)
         if cfg.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
             raise ValueError(f"{cfg_path}: model_type {cfg.get('model_type')!r} is not a CLIP text model")
-        arch = dict(vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77),
-                    width=t.get("hidden_size", 512), heads=t.get("num_attention_heads", 8),
-                    layers=t.get("num_hidden_layers", 12), mlp_width=t.get("intermediate_size", 2048),
-                    act=t.get("hidden_act", "quick_gelu"), eps=t.get("layer_norm_eps", 1e-5))
+        arch = dict(vocab_size=t.get("vocab_size", 49408),
+                    context_length=t.get("max_position_embeddings", 77), width=t.get("hidden_size", 512),
+                    heads=t.get("num_attention_heads", 8), layers=t.get("num_hidden_layers", 12),
+                    mlp_width=t.get("intermediate_size", 2048), act=t.get("hidden_act", "quick_gelu"),
+                    eps=t.get("layer_norm_eps", 1e-5))
         weight_names, convert = ["model.safetensors", "pytorch_model.bin"], hf_to_open_clip
     weights, _, _ = find_file(repo_or_path, weight_names, [folder])
     with torch.device("meta"):
@@ -294,7 +328,8 @@ def load_text_encoder(repo_or_path=DFN5B_CLIP, subfolder=None, device="cpu", dty
 
 
 def load_tokenizer(repo_or_path, subfolder=None, family="open_clip", max_len=77):
-    """The CLIP tokenizer from a repo's vocab.json + merges.txt (or open_clip's bpe .txt.gz) beside the weights."""
+    """The CLIP tokenizer from a repo's vocab.json + merges.txt (or open_clip's bpe .txt.gz)
+    beside the weights."""
     # e.g. SDXL: text_encoder_2/ -> tokenizer_2/; DFN5B: the repo root
     folders = [subfolder, subfolder.replace("text_encoder", "tokenizer")] if subfolder else []
     folders = list(dict.fromkeys([*folders, "tokenizer", None]))
@@ -302,7 +337,8 @@ def load_tokenizer(repo_or_path, subfolder=None, family="open_clip", max_len=77)
     if name.endswith(".gz"):
         return CLIPTokenizer.from_bpe_file(path, pad=0, max_len=max_len)
     pad = 0  # open_clip pads with id 0 whatever the repo's HF tokenizer files say (SPEC A5)
-    if family == "hf":  # HF pads with its pad_token: "<|endoftext|>" for OpenAI CLIP-L, "!" (id 0) for LAION/SDXL's 2nd
+    if family == "hf":
+        # HF pads with its pad_token: "<|endoftext|>" for OpenAI CLIP-L, "!" (id 0) for LAION/SDXL's 2nd
         tok_cfg = (hub_file(repo_or_path, "tokenizer_config.json", folder)
                    or hub_file(repo_or_path, "special_tokens_map.json", folder))
         pad = (read_json(tok_cfg).get("pad_token") if tok_cfg else None) or "<|endoftext|>"
@@ -315,7 +351,8 @@ def load_tokenizer(repo_or_path, subfolder=None, family="open_clip", max_len=77)
 
 VAE_DEFAULTS = dict(in_channels=3, out_channels=3, block_out_channels=[64], layers_per_block=1, act_fn="silu",
                     latent_channels=4, norm_num_groups=32, scaling_factor=0.18215, shift_factor=None,
-                    latents_mean=None, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True)
+                    latents_mean=None, use_quant_conv=True, use_post_quant_conv=True,
+                    mid_block_add_attention=True)
 
 
 class ResnetBlock(nn.Module):
@@ -339,7 +376,8 @@ class SpatialSelfAttention(nn.Module):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
-        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a (dropped-out) Dropout at to_out.1
+        # diffusers keeps a (dropped-out) Dropout at to_out.1
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -365,7 +403,8 @@ class MidBlock(nn.Module):
 
 
 class Block(nn.Module):
-    """n ResnetBlocks, then an optional 2x resampling conv (diffusers DownEncoderBlock2D / UpDecoderBlock2D)."""
+    """n ResnetBlocks, then an optional 2x resampling conv
+    (diffusers DownEncoderBlock2D / UpDecoderBlock2D)."""
 
     def __init__(self, cin, cout, n, groups, resample=None):  # resample: None, "down" or "up"
         super().__init__()
@@ -379,7 +418,8 @@ class Block(nn.Module):
     def forward(self, x):
         for resnet in self.resnets:
             x = resnet(x)
-        if self.resample == "down":  # LDM pads right/bottom only, so a stride-2 3x3 conv halves H and W exactly
+        if self.resample == "down":
+            # LDM pads right/bottom only, so a stride-2 3x3 conv halves H and W exactly
             x = self.downsamplers[0]["conv"](F.pad(x, (0, 1, 0, 1)))
         elif self.resample == "up":
             x = self.upsamplers[0]["conv"](F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -393,7 +433,8 @@ class Encoder(nn.Module):
         super().__init__()
         ch, n, g = c["block_out_channels"], c["layers_per_block"], c["norm_num_groups"]
         self.conv_in = nn.Conv2d(c["in_channels"], ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], n, g, "down" if i < len(ch) - 1 else None)
+        self.down_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], n, g,
+                                                "down" if i < len(ch) - 1 else None)
                                           for i in range(len(ch))])
         self.mid_block = MidBlock(ch[-1], g, c["mid_block_add_attention"])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
@@ -407,14 +448,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (B, latent_channels, h, w) -> image (B, 3, h*f, w*f): the encoder mirrored, one more resnet a level."""
+    """Latent (B, latent_channels, h, w) -> image (B, 3, h*f, w*f): the encoder mirrored,
+    one more resnet a level."""
 
     def __init__(self, c):
         super().__init__()
         ch, n, g = c["block_out_channels"][::-1], c["layers_per_block"] + 1, c["norm_num_groups"]
         self.conv_in = nn.Conv2d(c["latent_channels"], ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, c["mid_block_add_attention"])
-        self.up_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], n, g, "up" if i < len(ch) - 1 else None)
+        self.up_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], n, g,
+                                              "up" if i < len(ch) - 1 else None)
                                         for i in range(len(ch))])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], c["out_channels"], 3, padding=1)
@@ -432,29 +475,35 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = {**VAE_DEFAULTS, **config}
-        blocks = {*c.get("down_block_types", ["DownEncoderBlock2D"]), *c.get("up_block_types", ["UpDecoderBlock2D"])}
+        blocks = {*c.get("down_block_types", ["DownEncoderBlock2D"]),
+                  *c.get("up_block_types", ["UpDecoderBlock2D"])}
         if c["act_fn"] != "silu" or blocks - {"DownEncoderBlock2D", "UpDecoderBlock2D"} or c["latents_mean"]:
-            raise ValueError(f"unsupported AutoencoderKL config (act_fn {c['act_fn']}, blocks {sorted(blocks)}, "
-                             f"latents_mean {c['latents_mean']}): only the SD/SDXL-style KL-f8 layout is implemented")
+            raise ValueError(f"unsupported AutoencoderKL config (act_fn {c['act_fn']}, "
+                             f"blocks {sorted(blocks)}, latents_mean {c['latents_mean']}): "
+                             "only the SD/SDXL-style KL-f8 layout is implemented")
         self.config, L = c, c["latent_channels"]
         self.encoder, self.decoder = Encoder(c), Decoder(c)
         self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1) if c["use_quant_conv"] else None
         self.post_quant_conv = nn.Conv2d(L, L, 1) if c["use_post_quant_conv"] else None
         self.latent_channels, self.scaling_factor = L, float(c["scaling_factor"])
         self.downsample_factor = 2 ** (len(c["block_out_channels"]) - 1)  # 8 for SD/SDXL: 256px -> 32x32
-        self.shift_factor = None if c["shift_factor"] is None else float(c["shift_factor"])  # null for SDXL and ostris
+        # null for SDXL and ostris
+        self.shift_factor = None if c["shift_factor"] is None else float(c["shift_factor"])
 
     def encode(self, images, sample=True, generator=None, noise=None):
-        """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8): posterior sample (or mean), shifted and scaled for diffusion."""
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8): posterior sample (or mean),
+        shifted and scaled for diffusion."""
         moments = self.encoder(images.to(self.encoder.conv_in.weight.dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
         z = mean
-        if sample:  # the paper stores posterior samples, not means (SPEC A4); noise is drawn on the generator's device
+        # the paper stores posterior samples, not means (SPEC A4); noise is drawn on the generator's device
+        if sample:
             if noise is None:
                 device = generator.device if generator is not None else mean.device
-                noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
+                noise = torch.randn(mean.shape, generator=generator, device=device,
+                                    dtype=mean.dtype).to(mean.device)
             z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
         return (z - (self.shift_factor or 0.0)) * self.scaling_factor
 
@@ -466,7 +515,8 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z)
 
 
-_OLD_VAE_NAMES = [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")]
+_OLD_VAE_NAMES = [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
+                  (".proj_attn.", ".to_out.0.")]
 
 
 def load_vae(repo_or_path=SDXL_VAE, subfolder="vae", device="cpu", dtype=torch.float32):
@@ -477,7 +527,8 @@ def load_vae(repo_or_path=SDXL_VAE, subfolder="vae", device="cpu", dtype=torch.f
     with torch.device("meta"):
         vae = AutoencoderKL(read_json(cfg_path))
     sd = {}
-    for k, v in read_weights(weights).items():  # files saved before diffusers 0.14 (e.g. SD 2.1's VAE) use old names
+    # files saved before diffusers 0.14 (e.g. SD 2.1's VAE) use old names
+    for k, v in read_weights(weights).items():
         for old, new in _OLD_VAE_NAMES:
             k = k.replace(old, new)
         sd[k] = v
@@ -496,8 +547,10 @@ PIXELS = {"type": "pixels"}  # the shapes dataset: the 'latents' are the images 
 
 
 def text_encoder_from_spec(spec, device="cpu"):
-    """The frozen text encoder a spec names: {'type': 'builtin', 'dim', 'max_len', 'context'} or {'type': 'clip', ...}."""
-    if spec.get("type") == "builtin":  # runs on the CPU whatever the device; its output is moved by the caller
+    """The frozen text encoder a spec names: {'type': 'builtin', 'dim', 'max_len', 'context'}
+    or {'type': 'clip', ...}."""
+    if spec.get("type") == "builtin":
+        # runs on the CPU whatever the device; its output is moved by the caller
         return BuiltinTextEncoder(spec["dim"], spec["max_len"], spec.get("context", 0.0))  # older specs: none
     if spec.get("type") == "clip":
         return _checked(load_text_encoder(spec["repo"], spec.get("subfolder"), device=device), spec)
@@ -505,7 +558,8 @@ def text_encoder_from_spec(spec, device="cpu"):
 
 
 def vae_from_spec(spec, device="cpu"):
-    """The frozen VAE a latent spec names: an AutoencoderKL for {'type': 'vae', 'repo', ...}, None for pixels."""
+    """The frozen VAE a latent spec names: an AutoencoderKL for {'type': 'vae', 'repo', ...},
+    None for pixels."""
     if spec.get("type") == "pixels":
         return None
     if spec.get("type") == "vae":
@@ -515,11 +569,13 @@ def vae_from_spec(spec, device="cpu"):
 
 def load_encoders(config, device="cpu"):
     """The frozen text encoder and VAE (None for pixel-space data) named by a checkpoint's config."""
-    return text_encoder_from_spec(config["text_encoder"], device), vae_from_spec(config.get("latents", PIXELS), device)
+    return (text_encoder_from_spec(config["text_encoder"], device),
+            vae_from_spec(config.get("latents", PIXELS), device))
 
 
 def _checked(encoder, spec):
-    """The encoder, after checking that its weights have the shape and scale the spec recorded (a repo may change)."""
+    """The encoder, after checking that its weights have the shape and scale the spec recorded
+    (a repo may change)."""
     bad = {k: (v, encoder.spec[k]) for k, v in spec.items()
            if k not in ("repo", "subfolder") and encoder.spec.get(k, v) != v}
     if bad:
@@ -529,7 +585,8 @@ def _checked(encoder, spec):
 
 @torch.no_grad()
 def latents_to_images(x, spec, vae=None):
-    """Latents (B, C, h, w) -> list of uint8 (H, W, 3) images: decoded by the spec's VAE (loaded if not given)."""
+    """Latents (B, C, h, w) -> list of uint8 (H, W, 3) images: decoded by the spec's VAE
+    (loaded if not given)."""
     if spec.get("type") == "vae":
         vae = vae if vae is not None else vae_from_spec(spec, x.device)
         x = vae.decode(x.to(vae.decoder.conv_in.weight.device))  # (B, 3, 8h, 8w), about [-1, 1]
@@ -541,7 +598,8 @@ def latents_to_images(x, spec, vae=None):
 
 def image_to_latent(img):
     """PIL image or uint8 (..., H, W, 3) -> float32 tensor (..., 3, H, W) in [-1, 1]; the shapes 'latents'."""
-    return torch.from_numpy(np.array(img)).movedim(-1, -3).float() / 127.5 - 1  # a copy: PIL's arrays are read-only
+    # np.array makes a copy: PIL's arrays are read-only
+    return torch.from_numpy(np.array(img)).movedim(-1, -3).float() / 127.5 - 1
 
 
 def latent_to_image(x):

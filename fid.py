@@ -65,7 +65,8 @@ class BasicConv2d(nn.Module):
 
 
 def avg_pool_3x3(x):
-    # TF's average pool leaves the zero padding out of the mean (count_include_pad=False); torchvision's does not.
+    # TF's average pool leaves the zero padding out of the mean (count_include_pad=False);
+    # torchvision's does not.
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -150,7 +151,8 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """Mixed_7b/7c: expanded 1x3 + 3x1 filter banks at 8x8 (FID InceptionE_1 with pool="avg", E_2 with "max")."""
+    """Mixed_7b/7c: expanded 1x3 + 3x1 filter banks at 8x8 (FID InceptionE_1 with pool="avg",
+    E_2 with "max")."""
 
     def __init__(self, cin, pool):
         super().__init__()
@@ -231,11 +233,13 @@ class InceptionV3(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Weights: a local file, or downloaded once (release URL or a Hub repo) with the hash prefix in its name checked
+# Weights: a local file, or downloaded once (release URL or a Hub repo)
+# with the hash prefix in its name checked
 
 
 def check_hash(path, name=None):
-    """Raise unless the sha256 of `path` starts with the hex prefix in its name (torch.hub's `name-<prefix>.ext`)."""
+    """Raise unless the sha256 of `path` starts with the hex prefix in its name
+    (torch.hub's `name-<prefix>.ext`)."""
     m = re.search(r"-([0-9a-f]{8,64})\.[^.]+$", name or Path(path).name)
     if m is None:
         return  # a name without a hash prefix (the user's own file): nothing to check against
@@ -244,12 +248,14 @@ def check_hash(path, name=None):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     if not h.hexdigest().startswith(m.group(1)):
-        raise ValueError(f"{path}: sha256 {h.hexdigest()[:12]}... does not start with {m.group(1)}, as the name "
-                         f"(torch.hub's name-<sha256 prefix>.ext) says: a corrupt or wrong file; delete or rename it")
+        raise ValueError(f"{path}: sha256 {h.hexdigest()[:12]}... does not start with {m.group(1)}, "
+                         f"as the name (torch.hub's name-<sha256 prefix>.ext) says: "
+                         f"a corrupt or wrong file; delete or rename it")
 
 
 def fetch_weights(weights=None, repo_id=None, cache_dir=None):
-    """Local path of the weights: a file, a URL (default: the release) cached in cache_dir, or a file of a Hub repo."""
+    """Local path of the weights: a file, a URL (default: the release) cached in cache_dir,
+    or a file of a Hub repo."""
     if repo_id is not None:  # `weights` is then the file name inside the repo
         path = hub_file(repo_id, weights or FID_WEIGHTS_NAME)
         if path is None:
@@ -310,7 +316,8 @@ def list_images(folder):
 
 
 def center_crop(img, size):
-    """The central square of a PIL image, resized to size x size with PIL bicubic (the COCO reference protocol)."""
+    """The central square of a PIL image, resized to size x size with PIL bicubic
+    (the COCO reference protocol)."""
     w, h = img.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
@@ -319,7 +326,8 @@ def center_crop(img, size):
 
 
 def load_image(path, resize="bilinear", crop=None):
-    """One image file as a (3, 299, 299) float tensor in [0, 1], resized as pytorch-fid ("bilinear") or clean-fid."""
+    """One image file as a (3, 299, 299) float tensor in [0, 1], resized as pytorch-fid ("bilinear")
+    or clean-fid."""
     with Image.open(path) as img:
         img = img.convert("RGB")  # grayscale, palette, CMYK -> RGB; RGBA drops alpha, as pytorch-fid does
     if crop:
@@ -362,14 +370,16 @@ class RunningStats:
     """Mean and covariance of feature rows, accumulated batch by batch in float64 without keeping the rows."""
 
     def __init__(self, dim):
-        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros((dim, dim))  # m2: sum of centred outer products
+        # m2: sum of centred outer products
+        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros((dim, dim))
 
     def update(self, x):  # x (B, dim)
         x = np.asarray(x, dtype=np.float64)
         b, mean_b = len(x), x.mean(0)
         xc = x - mean_b
         delta, n = mean_b - self.mean, self.n + b
-        # Chan et al.'s pairwise merge of centred sums: no cancellation of sum(x x^T) - n mu mu^T when |mu| >> std.
+        # Chan et al.'s pairwise merge of centred sums: no cancellation of sum(x x^T) - n mu mu^T
+        # when |mu| >> std.
         self.m2 += xc.T @ xc + np.outer(delta, delta) * (self.n * b / n)
         self.mean += delta * (b / n)
         self.n = n
@@ -381,11 +391,13 @@ class RunningStats:
         return self.mean.copy(), self.m2 / (self.n - 1)
 
 
-def compute_stats(folder, net, batch_size=50, device="cpu", workers=0, resize="bilinear", crop=None, progress=True):
+def compute_stats(folder, net, batch_size=50, device="cpu", workers=0, resize="bilinear", crop=None,
+                  progress=True):
     """(mu, sigma) of the features net(x) of every image in `folder`, streamed batch by batch."""
     files = list_images(folder)
     if len(files) < 2:
-        raise ValueError(f"{folder}: FID needs at least 2 images to estimate a covariance, found {len(files)}")
+        raise ValueError(f"{folder}: FID needs at least 2 images to estimate a covariance, "
+                         f"found {len(files)}")
     if len(files) < 2048:
         warnings.warn(f"{folder}: only {len(files)} images; with fewer than 2048 the feature covariance is "
                       f"singular and FID is biased high (the COCO protocol uses 30K)", stacklevel=2)
@@ -409,7 +421,8 @@ def save_stats(path, mu, sigma):
     if path.suffix != ".npz":
         raise ValueError(f"statistics file must end in .npz: {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object, so numpy does not append its own .npz
+    # a file object, so numpy does not append its own .npz
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
 
 
@@ -432,31 +445,37 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise ValueError("statistics contain NaN or inf")
     diff = mu1 - mu2
-    # S1 S2 is similar to S1^1/2 S2 S1^1/2, which is PSD, so tr sqrt(S1 S2) is the sum of the square roots of its
-    # eigenvalues. They come out slightly negative or complex from rounding (always, when n < D makes S singular):
-    # the real part of the complex root drops those, where scipy's sqrtm can fail with imaginary components.
+    # S1 S2 is similar to S1^1/2 S2 S1^1/2, which is PSD, so tr sqrt(S1 S2) is the sum of the square roots
+    # of its eigenvalues. They come out slightly negative or complex from rounding (always, when n < D
+    # makes S singular): the real part of the complex root drops those, where scipy's sqrtm can fail with
+    # imaginary components.
     eig = np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)
     tr_covmean = np.sqrt(eig).real.sum()
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 # -----------------------------------------------------------------------------
-# The zero-shot COCO protocol (SPEC D): 30K captions of COCO 2014 val -> one sample each -> FID against val2014
+# The zero-shot COCO protocol (SPEC D): 30K captions of COCO 2014 val -> one sample each
+# -> FID against val2014
 
 
 def coco_captions(annotations, num=30000, seed=0):
-    """`num` captions drawn at random without replacement from a COCO captions_*.json, one per line-safe string."""
+    """`num` captions drawn at random without replacement from a COCO captions_*.json,
+    one per line-safe string."""
     with open(annotations) as f:
         anns = json.load(f)["annotations"]
     if num > len(anns):
         raise ValueError(f"{annotations}: asked for {num} captions, the file has {len(anns)}")
-    anns = sorted(anns, key=lambda a: a["id"])  # a fixed order first, so that a seed always picks the same captions
-    return [" ".join(a["caption"].split()) for a in random.Random(seed).sample(anns, num)]  # no stray newlines
+    # a fixed order first, so that a seed always picks the same captions
+    anns = sorted(anns, key=lambda a: a["id"])
+    # whitespace collapsed: no stray newlines
+    return [" ".join(a["caption"].split()) for a in random.Random(seed).sample(anns, num)]
 
 
 def coco_captions_main(argv):
     """CLI: python fid.py coco-captions captions_val2014.json --out coco30k.txt [--num 30000 --seed 0]"""
-    p = argparse.ArgumentParser(prog="fid.py coco-captions", description="Captions file for zero-shot COCO FID.")
+    p = argparse.ArgumentParser(prog="fid.py coco-captions",
+                                description="Captions file for zero-shot COCO FID.")
     p.add_argument("annotations", help="COCO captions_val2014.json")
     p.add_argument("--out", required=True, help="text file, one caption per line (input of sample.py)")
     p.add_argument("--num", type=int, default=30000, help="number of captions (SPEC D: 30K)")
@@ -473,19 +492,23 @@ def coco_captions_main(argv):
 
 
 def main(argv=None):
-    """CLI: python fid.py A B  |  python fid.py A --save-stats OUT.npz  (A, B: image folders or .npz statistics)"""
-    p = argparse.ArgumentParser(description="FID between two image folders or .npz statistics (as pytorch-fid).")
+    """CLI: python fid.py A B  |  python fid.py A --save-stats OUT.npz
+    (A, B: image folders or .npz statistics)"""
+    p = argparse.ArgumentParser(description="FID between two image folders or .npz statistics "
+                                            "(as pytorch-fid).")
     p.add_argument("paths", nargs="+", metavar="PATH", help="folder of images or .npz with mu and sigma")
     p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of the first PATH")
     p.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding processes")
     p.add_argument("--resize", choices=["bilinear", "clean"], default="bilinear",
                    help="to 299x299: bilinear as pytorch-fid, or clean-fid's PIL bicubic")
     p.add_argument("--center-crop", type=int, metavar="SIZE",
                    help="first crop folder images to their central square and resize to SIZE (COCO: 256)")
-    p.add_argument("--weights", help=f"local .pth/.safetensors or URL (default: the release, cached in {CACHE_DIR}); "
-                                     "with --weights-repo, the file name in the repo")
+    p.add_argument("--weights", help=f"local .pth/.safetensors or URL (default: the release, cached in "
+                                     f"{CACHE_DIR}); with --weights-repo, the file name in the repo")
     p.add_argument("--weights-repo", help="Hugging Face Hub repo holding the weights file")
     args = p.parse_args(argv)
     if len(args.paths) > 2 or (len(args.paths) == 1 and not args.save_stats):

@@ -1,19 +1,15 @@
 """
-The denoiser networks, in plain PyTorch: MicroDiT of "Stretching Each Dollar: Diffusion Training from Scratch
-on a Micro-Budget" (Sehwag et al. 2024), a sparse DiT with a patch-mixer, deferred masking, expert-choice MoE
-and layer-wise scaling, and the UNet family of "On the Scalability of Diffusion-based Text-to-Image
-Generation" (Li et al. 2024). The released MicroDiT checkpoints (VSehwag24/MicroDiT) load into `MicroDiT`
-with strict=True: module names follow the official state-dict layout. Every model size is a preset of
-PRESETS; flops_per_image counts what one image costs.
+The denoiser networks in plain PyTorch: MicroDiT of "Stretching Each Dollar" (Sehwag et al. 2024), a sparse
+DiT with a patch-mixer, deferred masking, expert-choice MoE and layer-wise scaling, whose released checkpoints
+(VSehwag24/MicroDiT) load with strict=True; and the UNet family of "On the Scalability of Diffusion-based
+Text-to-Image Generation" (Li et al. 2024). Every size is a preset of PRESETS; flops_per_image is its cost.
 
-Every network here is the raw network F of EDM (diffusion.py wraps it in the preconditioning):
-    net(x, c_noise, y, mask_ratio=0.0) -> (out, mask)
-x (B, C, H, W) latents already scaled by c_in, c_noise (B,) = ln(sigma)/4, y (B, L, Dy) caption
-token features; mask (B, T) is 1 for patches dropped by masking, or None.
+Each is the raw network F of EDM (diffusion.py wraps it in the preconditioning): net(x, c_noise, y,
+mask_ratio) -> (out, mask); x (B, C, H, W) latents scaled by c_in, c_noise (B,) = ln(sigma)/4, y (B, L, Dy)
+caption token features; mask (B, T) is 1 for patches dropped by masking, or None.
 """
 import math
-import typing
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -45,24 +41,25 @@ class MicroDiTConfig:
     bias: bool = False              # biases in block linears (False in the released models)
 
 
+def _cpu(**kw):
+    # CPU-sized, for the built-in 32x32 RGB shapes dataset (pixels are the "latents"): patch 4 -> 64 tokens
+    cpu = dict(latent_size=32, latent_channels=3, patch_size=4, head_dim=32, caption_dim=64, num_experts=4,
+               mlp_ratio=(1.0, 4.0), multiple_of=32)
+    return MicroDiTConfig(**{**cpu, **kw})
+
+
 PRESETS = {
     # as released (SPEC A2); 512px checkpoints use latent_size=64, pos_interp_scale=2
     "MicroDiT_XL_2": MicroDiTConfig(),
     "MicroDiT_Tiny_2": MicroDiTConfig(dim=512, depth=16, head_dim=32, mixer_depth=4, mixer_dim=512),
-    # CPU-sized, for the built-in 32x32 RGB shapes dataset (pixels are the "latents"): patch 4 -> 64 tokens.
-    # MicroDiT_S is the default of train.py; XS and M bracket it for the scaling sweep (scaling.py).
-    "MicroDiT_XS": MicroDiTConfig(latent_size=32, latent_channels=3, patch_size=4, dim=96, depth=4, head_dim=32,
-                                  caption_dim=64, mixer_depth=1, mixer_dim=96, num_experts=4, mlp_ratio=(1.0, 4.0),
-                                  multiple_of=32),
-    "MicroDiT_S": MicroDiTConfig(latent_size=32, latent_channels=3, patch_size=4, dim=128, depth=6,
-                                 head_dim=32, caption_dim=64, mixer_depth=2, mixer_dim=128, num_experts=4,
-                                 mlp_ratio=(1.0, 4.0), multiple_of=32),
-    "MicroDiT_M": MicroDiTConfig(latent_size=32, latent_channels=3, patch_size=4, dim=192, depth=8, head_dim=32,
-                                 caption_dim=64, mixer_depth=2, mixer_dim=128, num_experts=4, mlp_ratio=(1.0, 4.0),
-                                 multiple_of=32),
+    # MicroDiT_S is the default of train.py; XS and M bracket it for the scaling sweep (scaling.py)
+    "MicroDiT_XS": _cpu(dim=96, depth=4, mixer_depth=1, mixer_dim=96),
+    "MicroDiT_S": _cpu(dim=128, depth=6, mixer_depth=2, mixer_dim=128),
+    "MicroDiT_M": _cpu(dim=192, depth=8, mixer_depth=2, mixer_dim=128),
     # tiny, for tests: every ingredient present (mixer with width maps, MoE in mixer and backbone)
-    "MicroDiT_test": MicroDiTConfig(latent_size=8, latent_channels=3, patch_size=2, dim=32, depth=3, head_dim=8,
-                                    caption_dim=16, mixer_depth=2, mixer_dim=16, num_experts=4, multiple_of=16),
+    "MicroDiT_test": MicroDiTConfig(latent_size=8, latent_channels=3, patch_size=2, dim=32, depth=3,
+                                    head_dim=8, caption_dim=16, mixer_depth=2, mixer_dim=16, num_experts=4,
+                                    multiple_of=16),
 }
 
 
@@ -110,7 +107,8 @@ def sincos_2d(dim, grid_size, pos_interp_scale=1.0):
 
 def timestep_embedding(t, dim=512, max_period=10000):
     """(B,) scalars -> (B, dim) frequency embedding as [cos, sin]."""
-    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
+    half = torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2)
+    freqs = torch.exp(-math.log(max_period) * half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
@@ -164,10 +162,11 @@ class PatchEmbed(nn.Module):
 # attention and feed-forward
 
 
-def attention(q, k, v, heads, q_norm, k_norm):
-    """QK-normed multi-head attention. q (B, N, W), k and v (B, M, W) -> (B, N, W)."""
+def attention(q, k, v, heads, q_norm=None, k_norm=None):
+    """Multi-head attention, QK-normed when norms are given. q (B, N, W), k and v (B, M, W) -> (B, N, W)."""
     B, N, W = q.shape
-    q, k = q_norm(q).to(v.dtype), k_norm(k).to(v.dtype)  # LayerNorm over all heads at once (QK-norm)
+    if q_norm is not None:  # LayerNorm over all heads at once (QK-norm); SD2/SDXL and IF attention have none
+        q, k = q_norm(q).to(v.dtype), k_norm(k).to(v.dtype)
     q, k, v = (t.reshape(B, -1, heads, W // heads).transpose(1, 2) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W)
 
@@ -257,11 +256,12 @@ class Block(nn.Module):
         self.norm1, self.norm2, self.norm3 = layer_norm(dim), layer_norm(dim), layer_norm(dim)
         self.attn = SelfAttention(dim, attn_width, cfg.head_dim, cfg.bias)
         self.cross_attn = CrossAttention(dim, cfg.head_dim, cfg.bias)
-        self.mlp = ExpertChoiceMoE(dim, ffn, cfg.num_experts, cfg.expert_capacity) if moe else SwiGLU(dim, ffn, cfg.bias)
+        self.mlp = (ExpertChoiceMoE(dim, ffn, cfg.num_experts, cfg.expert_capacity) if moe
+                    else SwiGLU(dim, ffn, cfg.bias))
         self.adaLN_modulation = nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, 6 * dim))
 
     def forward(self, x, y, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, 1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + self.cross_attn(self.norm2(x), y)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
@@ -320,7 +320,8 @@ class MicroDiT(nn.Module):
         self.cfg = cfg
         C, p, D = cfg.latent_channels, cfg.patch_size, cfg.dim
         self.x_embedder = PatchEmbed(p, C, D)
-        self.register_buffer("pos_embed", sincos_2d(D, cfg.latent_size // p, cfg.pos_interp_scale)[None])  # (1, T, D)
+        # fixed 2D sin-cos positions (1, T, D), a buffer: recomputed, not learned, for another latent size
+        self.register_buffer("pos_embed", sincos_2d(D, cfg.latent_size // p, cfg.pos_interp_scale)[None])
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = nn.Module()
         self.y_embedder.y_proj = Mlp(cfg.caption_dim, D)  # caption tokens -> (B, L, D)
@@ -331,24 +332,24 @@ class MicroDiT(nn.Module):
             mixer_ffn = lambda moe: ffn_hidden(M, cfg.mixer_mlp_ratio, cfg.multiple_of, moe)
             moe = [cfg.num_experts > 0 and i % 2 == 1 for i in range(cfg.mixer_depth)]
             self.patch_mixer = nn.ModuleList(Block(M, M, mixer_ffn(m), m, cfg) for m in moe)
-            if M != D:  # width maps between the backbone and the (narrower) mixer
-                self.patch_mixer_map_xin = nn.Sequential(layer_norm(D), nn.Linear(D, M, bias=cfg.bias))
-                self.patch_mixer_map_xout = nn.Sequential(layer_norm(M), nn.Linear(M, D, bias=cfg.bias))
-                self.patch_mixer_map_y = nn.Sequential(layer_norm(D), nn.Linear(D, M, bias=cfg.bias))
+            # width maps between the backbone and a narrower mixer (none at equal widths)
+            wmap = lambda a, b: (nn.Sequential(layer_norm(a), nn.Linear(a, b, bias=cfg.bias)) if a != b
+                                 else nn.Identity())
+            self.patch_mixer_map_xin, self.patch_mixer_map_xout = wmap(D, M), wmap(M, D)
+            self.patch_mixer_map_y = wmap(D, M)
         self.blocks = nn.ModuleList(Block(D, a, f, m, cfg) for a, f, m in layer_widths(cfg))
-        self.register_buffer("mask_token", torch.zeros(1, 1, p * p * C))  # fills dropped patches of the output
+        self.register_buffer("mask_token", torch.zeros(1, 1, p * p * C))  # fills the output's dropped patches
         self.final_layer = FinalLayer(D, p * p * C)
         self.initialize_weights()
 
     def initialize_weights(self):
         # SPEC A2: xavier everywhere, small normal on the embedding MLPs, depth-scaled block outputs,
         # and zero on every adaLN output and on the final projection (each block starts as identity)
-        def basic(m):
+        for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.apply(basic)
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -370,35 +371,28 @@ class MicroDiT(nn.Module):
     @staticmethod
     def _init_block(block, std):
         # inputs of each sub-layer: std 0.02; outputs that write into the residual stream: std
-        tn = lambda w, s: nn.init.trunc_normal_(w, std=s)
-        tn(block.attn.qkv.weight, 0.02)
-        tn(block.attn.proj.weight, std)
+        weights = [(block.attn.qkv.weight, 0.02), (block.attn.proj.weight, std)]
         if hasattr(block, "cross_attn"):
-            tn(block.cross_attn.q_linear.weight, 0.02)
-            tn(block.cross_attn.kv_linear.weight, 0.02)
-            tn(block.cross_attn.proj.weight, std)
-        if isinstance(block.mlp, ExpertChoiceMoE):
-            tn(block.mlp.gate.weight, 0.02)
-            tn(block.mlp.w1, 0.02)
-            tn(block.mlp.w2, std)
-        else:
-            tn(block.mlp.w1.weight, 0.02)
-            tn(block.mlp.w2.weight, std)
-            tn(block.mlp.w3.weight, std)
+            ca = block.cross_attn
+            weights += [(ca.q_linear.weight, 0.02), (ca.kv_linear.weight, 0.02), (ca.proj.weight, std)]
+        m = block.mlp
+        weights += ([(m.gate.weight, 0.02), (m.w1, 0.02), (m.w2, std)] if isinstance(m, ExpertChoiceMoE)
+                    else [(m.w1.weight, 0.02), (m.w2.weight, std), (m.w3.weight, std)])
+        for w, s in weights:  # in this order: each draw advances the RNG
+            nn.init.trunc_normal_(w, std=s)
 
     def forward(self, x, c_noise, y, mask_ratio=0.0):
         cfg = self.cfg
         B, C, H, W = x.shape
         if (C, H, W) != (cfg.latent_channels, cfg.latent_size, cfg.latent_size):
-            raise ValueError(f"MicroDiT expects latents of shape (B, {cfg.latent_channels}, {cfg.latent_size}, "
-                             f"{cfg.latent_size}), got {tuple(x.shape)}")
+            raise ValueError(f"MicroDiT expects latents of shape (B, {cfg.latent_channels}, "
+                             f"{cfg.latent_size}, {cfg.latent_size}), got {tuple(x.shape)}")
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         y = self.y_emb_preprocess(self.y_embedder.y_proj(y))  # (B, L, D)
         c = self.t_embedder(c_noise.expand(B)) + self.pooled_y_emb_process(y.mean(dim=1))  # (B, D)
 
         if cfg.mixer_depth > 0:  # the patch-mixer sees every patch, before any masking
-            map_x, map_y = getattr(self, "patch_mixer_map_xin", nn.Identity()), getattr(self, "patch_mixer_map_y", nn.Identity())
-            x, y_mixer = map_x(x), map_y(y)  # (B, T, M), (B, L, M)
+            x, y_mixer = self.patch_mixer_map_xin(x), self.patch_mixer_map_y(y)  # (B, T, M), (B, L, M)
             for block in self.patch_mixer:
                 x = block(x, y_mixer, c)
 
@@ -407,7 +401,7 @@ class MicroDiT(nn.Module):
             x, mask, ids_restore = mask_tokens(x, int(x.shape[1] * (1 - mask_ratio)))  # (B, T_keep, D)
 
         if cfg.mixer_depth > 0:  # mapping back to the backbone width after masking saves compute
-            x = getattr(self, "patch_mixer_map_xout", nn.Identity())(x)
+            x = self.patch_mixer_map_xout(x)
         for block in self.blocks:
             x = block(x, y, c)  # (B, T_keep, D)
         x = self.final_layer(x, c)  # (B, T_keep, p*p*C)
@@ -426,10 +420,9 @@ class MicroDiT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# UNet family of Paper B (Table 1): SD2, DeepFloyd-IF, SDXL and transformer-depth variants.
-# A hand-written text-conditioned UNet laid out like diffusers' UNet2DConditionModel (the
-# layout the paper's parameter counts fit to within 1%), used as the EDM network F exactly
-# like MicroDiT: net(x, c_noise, y) -> (out, None).
+# UNet family of Paper B (Table 1): SD2, DeepFloyd-IF, SDXL and transformer-depth variants, laid out like
+# diffusers' UNet2DConditionModel (the layout the paper's parameter counts fit to within 1%); the EDM
+# network F exactly like MicroDiT: net(x, c_noise, y) -> (out, None).
 
 
 @dataclass
@@ -439,12 +432,12 @@ class UNetConfig:
     base_channels: int = 320  # C of Table 1; level i has C * channel_mult[i] channels
     channel_mult: tuple = (1, 2, 4)  # one level per resolution, each halves H and W
     num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
-    transformer_depth: tuple = (0, 2, 10)  # transformer blocks after each ResBlock, per level (0 = no attention)
+    transformer_depth: tuple = (0, 2, 10)  # transformer blocks after each ResBlock, per level (0 = none)
     mid_depth: int = 10  # transformer blocks in the middle block (0 = none)
     head_dim: int = 64  # attention heads = channels / head_dim
     block_type: str = "sd"  # "sd": SD2/SDXL blocks; "if": DeepFloyd-IF blocks (see UNet docstring)
     norm_groups: int = 32  # GroupNorm groups everywhere
-    pooled_caption: bool = False  # add an MLP of the mean-pooled caption to the timestep embedding, as MicroDiT does
+    pooled_caption: bool = False  # add an MLP of the mean caption token to the time embedding, as MicroDiT
     latent_size: int = 32  # latent H = W the model is trained at (32 = 256px)
 
 
@@ -453,13 +446,11 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, emb_dim, groups, scale_shift=False, resample=None):
         super().__init__()
-        self.scale_shift = scale_shift  # IF: emb gives a scale and shift of norm2; SD: emb is added before norm2
-        self.resample = resample  # None, "down" (2x2 average pool) or "up" (nearest), IF's resampling ResBlocks
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-5)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.scale_shift = scale_shift  # IF: emb is a scale and shift of norm2; SD: emb is added before norm2
+        self.resample = resample  # None, "down" (2x2 average pool) or "up" (nearest): IF's resampling blocks
+        self.norm1, self.conv1 = nn.GroupNorm(groups, in_ch, eps=1e-5), nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-5)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, out_ch, eps=1e-5), nn.Conv2d(out_ch, out_ch, 3, 1, 1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
@@ -479,10 +470,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def no_qk_norm(t):
-    return t  # SD2/SDXL and IF attention have no QK-norm
-
-
 class SDAttention(nn.Module):
     """SD2/SDXL attention of image tokens over themselves (ctx=None) or over the caption tokens."""
 
@@ -490,14 +477,13 @@ class SDAttention(nn.Module):
         super().__init__()
         self.heads = dim // head_dim
         self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(ctx_dim, dim, bias=False)
-        self.to_v = nn.Linear(ctx_dim, dim, bias=False)
+        self.to_k, self.to_v = nn.Linear(ctx_dim, dim, bias=False), nn.Linear(ctx_dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x, ctx=None):
         ctx = x if ctx is None else ctx  # (B, S, ctx_dim)
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)  # (B, T, dim), (B, S, dim), (B, S, dim)
-        return self.to_out(attention(q, k, v, self.heads, no_qk_norm, no_qk_norm))
+        return self.to_out(attention(q, k, v, self.heads))
 
 
 class GEGLU(nn.Module):
@@ -518,12 +504,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim, ctx_dim, head_dim):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = SDAttention(dim, dim, head_dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = SDAttention(dim, ctx_dim, head_dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = GEGLU(dim)
+        self.norm1, self.attn1 = nn.LayerNorm(dim), SDAttention(dim, dim, head_dim)
+        self.norm2, self.attn2 = nn.LayerNorm(dim), SDAttention(dim, ctx_dim, head_dim)
+        self.norm3, self.ff = nn.LayerNorm(dim), GEGLU(dim)
 
     def forward(self, x, y):
         x = x + self.attn1(self.norm1(x))  # (B, T, dim)
@@ -532,7 +515,7 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """SD2/SDXL transformer on a feature map: GroupNorm, linear in-projection, blocks, linear out-projection."""
+    """SD2/SDXL transformer on a feature map: GroupNorm, linear in-projection, blocks, out-projection."""
 
     def __init__(self, ch, depth, ctx_dim, head_dim, groups):
         super().__init__()
@@ -557,11 +540,8 @@ class IFAttention(nn.Module):
         super().__init__()
         self.heads = ch // head_dim
         self.norm = nn.GroupNorm(groups, ch, eps=1e-5)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
-        self.add_k = nn.Linear(ctx_dim, ch)
-        self.add_v = nn.Linear(ctx_dim, ch)
+        self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
+        self.add_k, self.add_v = nn.Linear(ctx_dim, ch), nn.Linear(ctx_dim, ch)  # the caption's keys, values
         self.to_out = nn.Linear(ch, ch)
 
     def forward(self, x, y):
@@ -569,30 +549,20 @@ class IFAttention(nn.Module):
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
         k = torch.cat([self.add_k(y), self.to_k(h)], dim=1)  # (B, L + H*W, C), caption tokens first
         v = torch.cat([self.add_v(y), self.to_v(h)], dim=1)
-        h = self.to_out(attention(self.to_q(h), k, v, self.heads, no_qk_norm, no_qk_norm))  # (B, H*W, C)
+        h = self.to_out(attention(self.to_q(h), k, v, self.heads))  # (B, H*W, C)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
-class Downsample(nn.Module):
-    """Strided 3x3 conv halving H and W (SD2/SDXL)."""
+class Resample(nn.Module):
+    """SD2/SDXL resampling: a strided 3x3 conv halving H and W, or nearest 2x upsampling then a 3x3 conv."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, up):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.up = up
+        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
 
-    def forward(self, x, emb):  # emb unused: same call as IF's resampling ResBlock
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest 2x upsampling then a 3x3 conv (SD2/SDXL)."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x, emb):  # emb unused: same call as IF's resampling ResBlock
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, emb):  # emb unused: the same call as IF's resampling ResBlock
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
 
 
 class UNetLevel(nn.Module):
@@ -606,14 +576,10 @@ class UNetLevel(nn.Module):
 
 
 class UNet(nn.Module):
-    """Text-conditioned UNet of Paper B Table 1, the EDM network F: (x, c_noise, y) -> (out, None).
-
-    block_type "sd" (SD2, SDXL, TD variants): ResBlocks with the embedding added before norm2,
-    SpatialTransformers (self-attn, cross-attn, GEGLU, linear in/out projections), strided-conv
-    downsampling and nearest + conv upsampling. block_type "if" (DeepFloyd-IF): scale-shift
-    ResBlocks, IFAttention (caption tokens joined to the self-attention keys, no FFN), and
-    ResBlocks that average-pool / nearest-upsample inside as resamplers.
-    """
+    """Text-conditioned UNet of Paper B Table 1. block_type "sd" (SD2, SDXL, TD variants): ResBlocks with the
+    embedding added before norm2, SpatialTransformers (self-attn, cross-attn, GEGLU), strided-conv down- and
+    nearest + conv upsampling. block_type "if" (DeepFloyd-IF): scale-shift ResBlocks, IFAttention (caption
+    tokens joined to the self-attention keys, no FFN), ResBlocks that average-pool / upsample to resample."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -629,20 +595,14 @@ class UNet(nn.Module):
         if cfg.block_type == "if" and max(depth + (cfg.mid_depth,)) > 1:
             raise ValueError(f"UNetConfig: block_type 'if' has one attention per ResBlock, so depths must be "
                              f"0 or 1, got transformer_depth {depth}, mid_depth {cfg.mid_depth}")
-        for c in ch:
-            if c % groups or c % hd:
-                raise ValueError(f"UNetConfig: channels {c} must be divisible by norm_groups {groups} "
-                                 f"and head_dim {hd}")
+        if bad := [c for c in ch if c % groups or c % hd]:
+            raise ValueError(f"UNetConfig: channels {bad} indivisible by norm_groups {groups}, head_dim {hd}")
         emb_dim = 4 * C  # SD/IF timestep embedding width
         is_if = cfg.block_type == "if"
 
-        def res_block(c_in, c_out, resample=None):
-            return ResBlock(c_in, c_out, emb_dim, groups, scale_shift=is_if, resample=resample)
-
-        def attn_block(c, d):
-            if is_if:
-                return IFAttention(c, cfg.caption_dim, hd, groups)
-            return SpatialTransformer(c, d, cfg.caption_dim, hd, groups)
+        res_block = lambda c_in, c_out, resample=None: ResBlock(c_in, c_out, emb_dim, groups, is_if, resample)
+        attn_block = lambda c, d: (IFAttention(c, cfg.caption_dim, hd, groups) if is_if
+                                   else SpatialTransformer(c, d, cfg.caption_dim, hd, groups))
 
         self.t_embedder = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # Paper B trains with "no extra conditioning"; pooled_caption adds MicroDiT's pooled-caption path.
@@ -662,7 +622,7 @@ class UNet(nn.Module):
                 skip_ch.append(c)
             resample = None
             if i < len(ch) - 1:
-                resample = res_block(c, c, "down") if is_if else Downsample(c)
+                resample = res_block(c, c, "down") if is_if else Resample(c, up=False)
                 skip_ch.append(c)
             self.down.append(UNetLevel(res, attn, resample))
 
@@ -681,7 +641,7 @@ class UNet(nn.Module):
                     attn.append(attn_block(c, depth[i]))
             resample = None
             if i > 0:
-                resample = res_block(c, c, "up") if is_if else Upsample(c)
+                resample = res_block(c, c, "up") if is_if else Resample(c, up=True)
             self.up.append(UNetLevel(res, attn, resample))
 
         self.norm_out = nn.GroupNorm(groups, ch[0], eps=1e-5)
@@ -692,30 +652,23 @@ class UNet(nn.Module):
         # PyTorch default init everywhere, then zero the last layer of every residual branch and
         # the output conv as LDM/SD and ADM do: each block starts as the identity and F(x) = 0,
         # so the EDM denoiser starts at D(x) = c_skip * x.
-        for m in self.modules():
-            if isinstance(m, ResBlock):
-                nn.init.zeros_(m.conv2.weight)
-                nn.init.zeros_(m.conv2.bias)
-            elif isinstance(m, SpatialTransformer):
-                nn.init.zeros_(m.proj_out.weight)
-                nn.init.zeros_(m.proj_out.bias)
-            elif isinstance(m, IFAttention):
-                nn.init.zeros_(m.to_out.weight)
-                nn.init.zeros_(m.to_out.bias)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        last = {ResBlock: "conv2", SpatialTransformer: "proj_out", IFAttention: "to_out"}
+        for layer in [getattr(m, last[type(m)]) for m in self.modules() if type(m) in last] + [self.conv_out]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x, c_noise, y, mask_ratio=0.0):
         if mask_ratio:
-            raise ValueError(f"UNet.forward: the UNet has no patches to mask, mask_ratio must be 0 (got {mask_ratio})")
+            raise ValueError(f"UNet.forward: a UNet has no patches to mask, got mask_ratio {mask_ratio}")
         cfg = self.cfg
         n = 2 ** (len(cfg.channel_mult) - 1)  # total downsampling
         if x.shape[1] != cfg.latent_channels or x.shape[2] % n or x.shape[3] % n:
             raise ValueError(f"UNet.forward: x {tuple(x.shape)} needs {cfg.latent_channels} channels "
                              f"and H, W divisible by {n}")
-        emb = self.t_embedder(timestep_embedding(c_noise, cfg.base_channels).to(self.conv_in.weight.dtype))  # (B, 4C)
+        emb = timestep_embedding(c_noise, cfg.base_channels).to(self.conv_in.weight.dtype)
+        emb = self.t_embedder(emb)  # (B, 4C)
         if self.y_embedder is not None:
-            emb = emb + self.y_embedder(y.mean(dim=1))  # mean over all L tokens, padding included, as MicroDiT
+            emb = emb + self.y_embedder(y.mean(dim=1))  # all L tokens, padding included, as MicroDiT
 
         x = self.conv_in(x)  # (B, C, H, W)
         skips = [x]
@@ -751,10 +704,9 @@ def _sd2(C):
 
 
 def _if(C):
-    # Paper B gives IF-XL as [1,2,3,4], 3 res, attn [4,2,1], TD [1,1,1]. Both rows fit (within
-    # 0.3%) when "attn [4,2,1]" is read literally as attention at downsampling rates 1, 2, 4
-    # (levels 0-2, none at the 4x4 level; the released IF-I-XL instead attends at rates 2, 4, 8)
-    # with IF's block types and a middle attention. See README "UNet family".
+    # Paper B gives IF-XL as [1,2,3,4], 3 res, attn [4,2,1], TD [1,1,1]. Both rows fit (within 0.3%) when
+    # "attn [4,2,1]" is read literally as attention at downsampling rates 1, 2, 4 (levels 0-2, none at 4x4;
+    # the released IF-I-XL attends at 2, 4, 8) with IF's blocks and a middle attention. See the README.
     return UNetConfig(base_channels=C, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                       transformer_depth=(1, 1, 1, 0), mid_depth=1, block_type="if")
 
@@ -766,31 +718,24 @@ def _sdxl(C, td=(0, 2, 10)):
 
 UNET_PRESETS = {
     # Paper B, Table 1: 4 latent channels, 1024-wide OpenCLIP-H caption, head_dim 64, 32x32 latents.
-    "UNet_SD2_C320": _sd2(320),
-    "UNet_SD2_C512": _sd2(512),
-    "UNet_IF_XL_C512": _if(512),
-    "UNet_IF_XL_C704": _if(704),
-    "UNet_SDXL_C128": _sdxl(128),
-    "UNet_SDXL_C192": _sdxl(192),
-    "UNet_SDXL_C320": _sdxl(320),  # the original SDXL layout
-    "UNet_SDXL_C384": _sdxl(384),
-    "UNet_TD2": _sdxl(320, (0, 2, 2)),
-    "UNet_TD4": _sdxl(320, (0, 2, 4)),
-    "UNet_TD12": _sdxl(320, (0, 2, 12)),
-    "UNet_TD14": _sdxl(320, (0, 2, 14)),
+    "UNet_SD2_C320": _sd2(320), "UNet_SD2_C512": _sd2(512),
+    "UNet_IF_XL_C512": _if(512), "UNet_IF_XL_C704": _if(704),
+    "UNet_SDXL_C128": _sdxl(128), "UNet_SDXL_C192": _sdxl(192),
+    "UNet_SDXL_C320": _sdxl(320), "UNet_SDXL_C384": _sdxl(384),  # C320: the original SDXL layout
+    "UNet_TD2": _sdxl(320, (0, 2, 2)), "UNet_TD4": _sdxl(320, (0, 2, 4)),
+    "UNet_TD12": _sdxl(320, (0, 2, 12)), "UNet_TD14": _sdxl(320, (0, 2, 14)),
     "UNet_TD4_4": _sdxl(320, (0, 4, 4)),  # the paper's "efficient UNet"
-    "UNet_TD4_8": _sdxl(320, (0, 4, 8)),
-    "UNet_TD4_12": _sdxl(320, (0, 4, 12)),
+    "UNet_TD4_8": _sdxl(320, (0, 4, 8)), "UNet_TD4_12": _sdxl(320, (0, 4, 12)),
     "UNet_C384_TD4_12": _sdxl(384, (0, 4, 12)),
-    # CPU-sized, for the built-in 32x32 RGB shapes dataset: SDXL-style (no attention at full
-    # resolution), 4.2M params and 0.56 forward GMACs per image, about MicroDiT_S unmasked (0.60).
-    # The pooled caption path makes its conditioning the same as MicroDiT_S's.
-    "UNet_S": UNetConfig(latent_channels=3, caption_dim=64, base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
-                         transformer_depth=(0, 1, 1), mid_depth=1, head_dim=32, norm_groups=8, pooled_caption=True),
+    # CPU-sized, for the built-in 32x32 RGB shapes dataset: SDXL-style (no attention at full resolution), 4.2M
+    # params, 0.56 forward GMACs per image (MicroDiT_S unmasked: 0.60), conditioned like MicroDiT_S
+    "UNet_S": UNetConfig(latent_channels=3, caption_dim=64, base_channels=32, channel_mult=(1, 2, 4),
+                         num_res_blocks=1, transformer_depth=(0, 1, 1), mid_depth=1, head_dim=32,
+                         norm_groups=8, pooled_caption=True),
     # Tests: width 32, 8x8 latents, 16-wide captions.
-    "UNet_test": UNetConfig(latent_channels=3, caption_dim=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                            transformer_depth=(1, 1), mid_depth=1, head_dim=16, norm_groups=8,
-                            pooled_caption=True, latent_size=8),
+    "UNet_test": UNetConfig(latent_channels=3, caption_dim=16, base_channels=32, channel_mult=(1, 2),
+                            num_res_blocks=1, transformer_depth=(1, 1), mid_depth=1, head_dim=16,
+                            norm_groups=8, pooled_caption=True, latent_size=8),
 }
 
 # -----------------------------------------------------------------------------
@@ -803,42 +748,8 @@ def get_config(name, **overrides):
     return replace(PRESETS[name], **overrides)
 
 
-def parse_value(key, text, typ):
-    """'--key=value' text -> a value of type typ (bool, int, float, str, Optional[...]), or an error naming key."""
-    if typing.get_origin(typ) is typing.Union:  # Optional[X]
-        if text.lower() == "none":
-            return None
-        typ = [t for t in typing.get_args(typ) if t is not type(None)][0]
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{key}: expected true or false, got {text!r}")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{key}: expected {typ.__name__}, got {text!r}") from None
-
-
-def parse_overrides(text, cfg):
-    """'field=value,...' -> {field: value} typed like cfg's own fields; a tuple field's values are joined by ':'
-    ("mixer_depth=0,mlp_ratio=2.5:2.5"). train.py's --model_args."""
-    known, out = {f.name: getattr(cfg, f.name) for f in fields(cfg)}, {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        if key not in known or not sep:
-            raise ValueError(f"--model_args: {item!r} is not FIELD=VALUE with FIELD one of: {', '.join(known)}")
-        old = known[key]
-        if isinstance(old, tuple):
-            out[key] = tuple(parse_value(f"model_args {key}", v, type(old[0])) for v in value.split(":"))
-        else:
-            out[key] = parse_value(f"model_args {key}", value, type(old))
-    return out
-
-
 PRESETS.update(UNET_PRESETS)  # one dict of every model preset
-MODELS = {"MicroDiT": (MicroDiTConfig, MicroDiT), "UNet": (UNetConfig, UNet)}  # type -> (config class, network)
+MODELS = {"MicroDiT": (MicroDiTConfig, MicroDiT), "UNet": (UNetConfig, UNet)}  # type: (config class, network)
 
 
 def build_model(cfg):
@@ -849,18 +760,6 @@ def build_model(cfg):
 
 def model_type(cfg):
     return type(cfg).__name__.removesuffix("Config")
-
-
-def config_from_dict(kind, d, where="config"):
-    """A model config from plain data (config.json), with a clear error for unknown fields."""
-    if kind not in MODELS:
-        raise ValueError(f"{where}: unknown model type {kind!r}; expected one of {sorted(MODELS)}")
-    cls = MODELS[kind][0]
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown {kind} config field(s) {unknown}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def num_params(net):
@@ -893,7 +792,7 @@ def flops_per_image(cfg, mask_ratio=0.0, train=True, caption_len=77):
 
 
 if __name__ == "__main__":
-    # parameter counts and FLOPs of the MicroDiT presets (the UNets beside Paper B's Table 1: scaling.py unets)
+    # parameter counts and FLOPs of the MicroDiT presets (the UNets of Paper B's Table 1: scaling.py unets)
     for name, cfg in PRESETS.items():
         if isinstance(cfg, MicroDiTConfig):
             f0, f75 = flops_per_image(cfg, 0.0), flops_per_image(cfg, 0.75)

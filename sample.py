@@ -27,11 +27,12 @@ def edm_sampler(D, y, seeds, steps=30, guidance=5.0, sigma_min=0.002, sigma_max=
     cfg, device = D.net.cfg, y.device
     shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     # the initial noise of each image comes from its own generator: batch-size independent
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-                         for s in seeds]).to(device)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)),
+                                     dtype=torch.float64) for s in seeds]).to(device)
     # Karras schedule (EDM Eq. 5): sigma_max -> sigma_min in steps, then 0
     i = torch.arange(steps, dtype=torch.float64, device=device)
-    t = (sigma_max ** (1 / rho) + i / max(steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = (sigma_max ** (1 / rho)
+         + i / max(steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t = torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
 
     def denoise(x, sigma):
@@ -84,9 +85,11 @@ def generate(D, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", default="out/default", help="a checkpoint folder, a training output folder (its newest "
-                    "checkpoint), a Hub repo id user/name, or a released .pt (local or user/name/path/file.pt)")
-    ap.add_argument("--official-preset", default="MicroDiT_XL_2", help="the preset a released .pt file is built as")
+    ap.add_argument("--ckpt", default="out/default",
+                    help="a checkpoint folder, a training output folder (its newest checkpoint), a Hub "
+                    "repo id user/name, or a released .pt (local or user/name/path/file.pt)")
+    ap.add_argument("--official-preset", default="MicroDiT_XL_2",
+                    help="the preset a released .pt file is built as")
     ap.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
     ap.add_argument("--prompts-file", help="a text file with one caption per line")
     ap.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -96,7 +99,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default="out/samples", help="folder for the PNGs and grid.png")
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights exist")
-    ap.add_argument("--text-encoder", help="repo id or folder of the text encoder, instead of the checkpoint's")
+    ap.add_argument("--text-encoder",
+                    help="repo id or folder of the text encoder, instead of the checkpoint's")
     ap.add_argument("--vae", help="repo id or folder of the VAE, instead of the checkpoint's")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -105,7 +109,8 @@ def main(argv=None):
         ckpt = resolve_checkpoint(args.ckpt)
     except FileNotFoundError as e:
         ap.error(f"{e}; train one with `python train.py`, or give a Hub repo id")
-    D, config = load_pretrained(ckpt, ema=not args.no_ema, device=args.device, official_preset=args.official_preset)
+    D, config = load_pretrained(ckpt, ema=not args.no_ema, device=args.device,
+                                official_preset=args.official_preset)
     for key, repo in (("text_encoder", args.text_encoder), ("latents", args.vae)):
         if repo:  # e.g. a local copy of the encoders on a machine without network
             config[key] = {**config[key], "repo": os.path.abspath(repo) if os.path.isdir(repo) else repo}

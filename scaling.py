@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 from checkpoint import atomic_write
 from model import (PRESETS, UNET_PRESETS, IFAttention, SpatialTransformer, UNet, flops_per_image, get_config,
-                   param_count, parse_overrides)
+                   param_count)
 
 # -----------------------------------------------------------------------------
 # compute and cost
@@ -43,8 +43,8 @@ from model import (PRESETS, UNET_PRESETS, IFAttention, SpatialTransformer, UNet,
 # NVIDIA's H100 SXM datasheet gives BF16 Tensor Core 1,979 TFLOPS "with sparsity" (2:4); dense is half of that
 H100_BF16_PEAK = 989.4e12  # FLOP/s, bf16 dense
 PRICE_PER_GPU_HOUR = 3.75  # dollars per H100-hour, as the paper prices its run (SPEC A1)
-DEFAULT_MFU = 0.4          # an assumption for pricing runs; the paper's own run implies less: `python scaling.py cost`
-PAPER_DAYS, PAPER_GPUS, PAPER_DOLLARS = 2.6, 8, 1890  # the paper's run: 2.6 days on one 8xH100 machine, $1,890
+DEFAULT_MFU = 0.4          # assumed for pricing; the paper's own run implies less: `python scaling.py cost`
+PAPER_DAYS, PAPER_GPUS, PAPER_DOLLARS = 2.6, 8, 1890  # the paper's run: 2.6 days on an 8xH100 machine, $1,890
 
 BATCH = 2048  # images per step, all four stages (SPEC A4)
 RECIPE = [    # (stage, resolution in pixels, mask ratio, steps): SPEC A4
@@ -88,7 +88,8 @@ def implied_mfu(flops, days=PAPER_DAYS, gpus=PAPER_GPUS, gpu_peak=H100_BF16_PEAK
 def print_cost(preset="MicroDiT_XL_2", gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU, price=PRICE_PER_GPU_HOUR):
     """The recipe's cost table, stage by stage, and the MFU the paper's figures imply."""
     stages = recipe_stages(preset)
-    print(f"{preset}, batch {BATCH}, peak {gpu_peak / 1e12:.1f} TFLOP/s, MFU {mfu:.0%}, ${price:.2f}/GPU-hour")
+    print(f"{preset}, batch {BATCH}, peak {gpu_peak / 1e12:.1f} TFLOP/s, MFU {mfu:.0%}, "
+          f"${price:.2f}/GPU-hour")
     print(f"{'stage':>5} {'res':>4} {'mask':>5} {'steps':>8} {'images':>10} {'GFLOPs/img':>11} "
           f"{'FLOPs':>9} {'GPU-h':>9} {'$':>9}")
     for s in stages:
@@ -98,12 +99,14 @@ def print_cost(preset="MicroDiT_XL_2", gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU,
     total = sum(s["flops"] for s in stages)
     h = gpu_hours(total, gpu_peak, mfu)
     print(f"{'total':>5} {'':>4} {'':>5} {sum(s['steps'] for s in stages):>8,} "
-          f"{sum(s['images'] for s in stages):>10.3g} {'':>11} {total:>9.3g} {h:>9.4g} {dollars(h, price):>9,.0f}")
+          f"{sum(s['images'] for s in stages):>10.3g} {'':>11} {total:>9.3g} {h:>9.4g} "
+          f"{dollars(h, price):>9,.0f}")
     m = implied_mfu(total, gpu_peak=gpu_peak)
     hours = PAPER_DAYS * 24 * PAPER_GPUS
     print(f"implied MFU of the paper's run: {total:.3g} FLOPs / ({PAPER_DAYS} days x {PAPER_GPUS} GPUs x "
           f"{gpu_peak / 1e12:.1f} TFLOP/s) = {m:.1%}")
-    print(f"at that MFU: {hours:.0f} GPU-hours, ${dollars(hours, price):,.0f} (the paper: ${PAPER_DOLLARS:,})")
+    print(f"at that MFU: {hours:.0f} GPU-hours, ${dollars(hours, price):,.0f} "
+          f"(the paper: ${PAPER_DOLLARS:,})")
     return stages
 
 
@@ -148,14 +151,17 @@ def unet_macs(cfg, latent_size=None, num_tokens=77):
                 mid_attn += linear
             else:
                 attn += linear
-    return {"total": counter.get_total_flops() / 2, "sdpa": sdpa / 2, "attn": attn / 2, "mid_attn": mid_attn / 2}
+    return {"total": counter.get_total_flops() / 2, "sdpa": sdpa / 2, "attn": attn / 2,
+            "mid_attn": mid_attn / 2}
 
 
 def print_unet_table(latent_size=32):
     """Print params, GMACs and attention GMACs of the 16 Table-1 presets beside Paper B's figures."""
-    print(f"UNet presets at a {latent_size}x{latent_size} latent (256px), MACs by FlopCounterMode on the meta device.")
+    print(f"UNet presets at a {latent_size}x{latent_size} latent (256px), MACs by FlopCounterMode "
+          "on the meta device.")
     print("GMACs: all ops; -sdpa: without the QK^T / softmax(.)V matmuls; attn: conv/linear MACs in the")
-    print("down/up transformer blocks (the reading that fits Paper B); +mid: with the middle block's. [paper]")
+    print("down/up transformer blocks (the reading that fits Paper B); +mid: with the middle block's. "
+          "[paper]")
     print(f"{'preset':17s} | {'params B [paper]':>20s} | {'GMACs [paper]':>19s} | {'-sdpa':>6s} | "
           f"{'attn [paper]':>12s} {'share [paper]':>15s} | {'+mid':>6s}")
     for name, (p_ref, g_ref, a_ref) in PAPER_B_TABLE1.items():
@@ -168,9 +174,11 @@ def print_unet_table(latent_size=32):
               f"{lin:6.1f} | {m['attn']:6.1f} [{a_ref:3d}] {m['attn'] / lin:6.1%} [{a_ref / g_ref:5.1%}] | "
               f"{m['attn'] + m['mid_attn']:6.1f}")
     a, b = param_count(UNET_PRESETS["UNet_TD4_4"]), param_count(UNET_PRESETS["UNet_SDXL_C320"])
-    ma, mb = unet_macs(UNET_PRESETS["UNet_TD4_4"], latent_size), unet_macs(UNET_PRESETS["UNet_SDXL_C320"], latent_size)
+    ma, mb = (unet_macs(UNET_PRESETS["UNet_TD4_4"], latent_size),
+              unet_macs(UNET_PRESETS["UNet_SDXL_C320"], latent_size))
     print(f"TD4_4 vs SDXL C320: {1 - a / b:.1%} fewer params, {1 - ma['total'] / mb['total']:.1%} fewer MACs "
-          f"({1 - (ma['total'] - ma['sdpa']) / (mb['total'] - mb['sdpa']):.1%} without sdpa) [paper: 45%, 28%]")
+          f"({1 - (ma['total'] - ma['sdpa']) / (mb['total'] - mb['sdpa']):.1%} without sdpa) "
+          "[paper: 45%, 28%]")
 
 
 # -----------------------------------------------------------------------------
@@ -242,11 +250,13 @@ def chinchilla_objective(theta, log_N, log_D, log_L, delta=HUBER_DELTA):
 
 
 def fit_chinchilla(N, D, L, inits=None, delta=HUBER_DELTA):
-    """{'E', 'A', 'B', 'alpha', 'beta'}: L-BFGS from every initialisation (SPEC C's grid), best one polished."""
+    """{'E', 'A', 'B', 'alpha', 'beta'}: L-BFGS from every initialisation (SPEC C's grid),
+    best one polished."""
     from scipy.optimize import minimize  # here, not at import: see the note on OPENBLAS_NUM_THREADS below
     N, D, L = (np.asarray(v, float) for v in (N, D, L))
     if not (N.shape == D.shape == L.shape and N.ndim == 1):
-        raise ValueError(f"fit_chinchilla: N, D, L must be 1-D and of one length, got {N.shape}, {D.shape}, {L.shape}")
+        raise ValueError(f"fit_chinchilla: N, D, L must be 1-D and of one length, got {N.shape}, "
+                         f"{D.shape}, {L.shape}")
     if (N <= 0).any() or (D <= 0).any() or (L <= 0).any():
         raise ValueError("fit_chinchilla: N, D and L must be positive")
     args = (np.log(N), np.log(D), np.log(L), delta)
@@ -256,9 +266,10 @@ def fit_chinchilla(N, D, L, inits=None, delta=HUBER_DELTA):
         if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
             best = res
     # Even summed, the loss is tiny (~1e-5 for 64 points at 0.1% noise) and L-BFGS-B stops once f improves by
-    # less than 2.2e-9 * max(|f|, 1), an absolute 2.2e-9 here: most starts stop short of the optimum (measured:
-    # 4 of 300 reach it). The grid picks the basin; one run from its best start, stopped by the gradient alone
-    # (ftol=0: with ftol=1e-14, B of a noiseless replication law stopped 0.13% short on one BLAS), finishes.
+    # less than 2.2e-9 * max(|f|, 1), an absolute 2.2e-9 here: most starts stop short of the optimum
+    # (measured: 4 of 300 reach it). The grid picks the basin; one run from its best start, stopped by the
+    # gradient alone (ftol=0: with ftol=1e-14, B of a noiseless replication law stopped 0.13% short on one
+    # BLAS), finishes.
     best = minimize(chinchilla_objective, best.x, args=args, jac=True, method="L-BFGS-B", options=LBFGS_TIGHT)
     a, b, e, alpha, beta = best.x
     return dict(E=np.exp(e), A=np.exp(a), B=np.exp(b), alpha=alpha, beta=beta)
@@ -266,7 +277,8 @@ def fit_chinchilla(N, D, L, inits=None, delta=HUBER_DELTA):
 
 def chinchilla_loss(fit, N, D):
     """L(N, D) = E + A / N^alpha + B / D^beta."""
-    return fit["E"] + fit["A"] / np.asarray(N, float) ** fit["alpha"] + fit["B"] / np.asarray(D, float) ** fit["beta"]
+    return (fit["E"] + fit["A"] / np.asarray(N, float) ** fit["alpha"]
+            + fit["B"] / np.asarray(D, float) ** fit["beta"])
 
 
 def compute_optimal(C, fit, k):
@@ -285,7 +297,8 @@ def compute_optimal(C, fit, k):
 
 
 def bootstrap(fit, columns, n_boot=200, seed=0, level=0.95):
-    """(lo, hi) percentile intervals of fit(*columns)'s parameters over resamples of the rows, and the count used."""
+    """(lo, hi) percentile intervals of fit(*columns)'s parameters over resamples of the rows,
+    and the count used."""
     rng = np.random.default_rng(seed)
     columns = [np.asarray(c, float) for c in columns]
     n = len(columns[0])
@@ -331,8 +344,9 @@ def read_jsonl(path):
 
 
 def run_train(run_dir, flags, extra_args=()):
-    """Run `python train.py --key=value ... --out_dir=run_dir --resume=auto`, its output in run_dir/stdout.txt;
-    returns the run's results: final_loss and the accuracies. A run stopped part-way continues on the next call."""
+    """Run `python train.py --key=value ... --out_dir=run_dir --resume=auto`, its output in
+    run_dir/stdout.txt; returns the run's results: final_loss and the accuracies. A run stopped part-way
+    continues on the next call."""
     os.makedirs(run_dir, exist_ok=True)
     cmd = [sys.executable, "train.py", *(f"--{k}={v}" for k, v in flags.items()), f"--out_dir={run_dir}",
            "--resume=auto", *extra_args]
@@ -345,8 +359,8 @@ def run_train(run_dir, flags, extra_args=()):
     if not finals:  # stopped by a signal: train.py checkpointed, and --resume=auto continues it next time
         raise RuntimeError(f"{run_dir}: train.py stopped before its end; run the same command to resume it")
     accs = [finals[-1][f"acc_{k}"] for k in ("shape", "colour", "position")]
-    return dict(final_loss=finals[-1]["val_loss"], acc_shape=accs[0], acc_colour=accs[1], acc_position=accs[2],
-                acc_mean=sum(accs) / 3)
+    return dict(final_loss=finals[-1]["val_loss"], acc_shape=accs[0], acc_colour=accs[1],
+                acc_position=accs[2], acc_mean=sum(accs) / 3)
 
 
 def append_jsonl(path, row):
@@ -371,17 +385,19 @@ def sweep(out_path="results.jsonl", models=SWEEP_MODELS, steps_list=SWEEP_STEPS,
     # an interrupted sweep resumes: runs already in out_path are not repeated
     done = {(r["model"], r["steps"]) for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
     for model in models:
-        f_img = flops_per_image(PRESETS[model], mask_ratio, train=True, caption_len=24)  # the built-in 24 tokens
+        f_img = flops_per_image(PRESETS[model], mask_ratio, train=True, caption_len=24)  # built-in 24 tokens
         for steps in steps_list:
             if (model, steps) in done:
                 continue
             t0 = time.time()
-            # each budget is its own run with its own schedule (warmup, then cosine to the end), as in Chinchilla
+            # each budget is its own run with its own schedule (warmup, then cosine to the end),
+            # as in Chinchilla
             results = run_train(os.path.join(run_root, f"{model}_{steps}"), dict(
-                model=model, max_steps=steps, warmup_steps=steps // 10, batch_size=batch_size, mask_ratio=mask_ratio,
-                unmasked_steps=0))
-            row = dict(model=model, params=param_count(PRESETS[model]), steps=steps, images=steps * batch_size,
-                       flops=f_img * steps * batch_size, **results, wall_s=round(time.time() - t0, 1))
+                model=model, max_steps=steps, warmup_steps=steps // 10, batch_size=batch_size,
+                mask_ratio=mask_ratio, unmasked_steps=0))
+            row = dict(model=model, params=param_count(PRESETS[model]), steps=steps,
+                       images=steps * batch_size, flops=f_img * steps * batch_size, **results,
+                       wall_s=round(time.time() - t0, 1))
             append_jsonl(out_path, row)
             print(json.dumps(row))
 
@@ -396,18 +412,19 @@ ABLATION_BATCH = 32
 ABLATION_BASE_STEPS = 1000
 ABLATION_SEEDS = (0, 1)
 ABLATION_DATASET_SIZE = 40_000
-ABLATION_UNMASKED = 0.1  # the fraction of a masked run's steps trained unmasked at its end (recipe: 30K of 280K)
-BASE = dict(model="MicroDiT_S", mask_ratio=0.75, model_args="", budget=1.0)
+ABLATION_UNMASKED = 0.1  # fraction of a masked run's steps trained unmasked at its end (recipe: 30K of 280K)
+BASE = dict(model="MicroDiT_S", mask_ratio=0.75, model_args={}, budget=1.0)
 VARIANTS = {  # name -> what differs from BASE
     "deferred75": {},
     "nomask": dict(mask_ratio=0.0),
-    "naive75": dict(model_args="mixer_depth=0"),  # the same backbone, masked without a patch-mixer
+    "naive75": dict(model_args=dict(mixer_depth=0)),  # the same backbone, masked without a patch-mixer
     # unmasked and narrower, about the base's step cost (0.42 vs 0.45 training GFLOPs per image)
-    "small": dict(mask_ratio=0.0, model_args="dim=96,mixer_dim=96,mixer_depth=1"),
+    "small": dict(mask_ratio=0.0, model_args=dict(dim=96, mixer_dim=96, mixer_depth=1)),
     "mask25": dict(mask_ratio=0.25),
     "mask50": dict(mask_ratio=0.5),
-    "dense": dict(model_args="num_experts=0"),  # a SwiGLU FFN of the same width in every block
-    "uniform": dict(model_args="qkv_ratio=0.75:0.75,mlp_ratio=2.5:2.5"),  # the layer-wise widths' means
+    "dense": dict(model_args=dict(num_experts=0)),  # a SwiGLU FFN of the same width in every block
+    # the layer-wise widths' means
+    "uniform": dict(model_args=dict(qkv_ratio=(0.75, 0.75), mlp_ratio=(2.5, 2.5))),
     "unet": dict(model="UNet_S", mask_ratio=0.0),  # 4.2M parameters against MicroDiT_S's 3.9M
     "quarter": dict(budget=0.25),
     "half": dict(budget=0.5),
@@ -416,8 +433,10 @@ ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
     "masking": ("Deferred masking with a patch-mixer beats naive masking, no masking and a smaller unmasked "
                 "model of the same step cost, at equal compute (MicroDiT paper)",
                 [("no masking", "nomask"), ("naive 75% masking, no patch-mixer", "naive75"),
-                 ("deferred 75% masking, patch-mixer", "deferred75"), ("smaller model, no masking", "small")]),
-    "mask_ratio": ("With the patch-mixer, masking up to 75% costs little quality at equal compute (MicroDiT paper)",
+                 ("deferred 75% masking, patch-mixer", "deferred75"),
+                 ("smaller model, no masking", "small")]),
+    "mask_ratio": ("With the patch-mixer, masking up to 75% costs little quality at equal compute "
+                   "(MicroDiT paper)",
                    [("0", "nomask"), ("0.25", "mask25"), ("0.5", "mask50"), ("0.75", "deferred75")]),
     "moe": ("Expert-choice MoE beats a dense FFN (MicroDiT paper)",
             [("expert-choice MoE, every 2nd block", "deferred75"), ("dense FFN", "dense")]),
@@ -425,45 +444,56 @@ ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
                       [("layer-wise scaling", "deferred75"), ("uniform widths", "uniform")]),
     "unet": ("At matched size the backbone matters: the scaling paper compares UNets and transformers; here "
              "UNet_S against MicroDiT_S, about the same parameters, at equal FLOPs",
-             [("MicroDiT_S, 75% masking", "deferred75"), ("MicroDiT_S, no masking", "nomask"), ("UNet_S", "unet")]),
-    "compute": ("Quality follows a power law of training compute, S = 0.47 C^0.02 (scaling paper, TIFA, C in GFLOPs)",
+             [("MicroDiT_S, 75% masking", "deferred75"), ("MicroDiT_S, no masking", "nomask"),
+              ("UNet_S", "unet")]),
+    "compute": ("Quality follows a power law of training compute, S = 0.47 C^0.02 "
+                "(scaling paper, TIFA, C in GFLOPs)",
                 [("C/4", "quarter"), ("C/2", "half"), ("C", "deferred75")]),
 }
-ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", "params", "steps", "unmasked_steps",
-                 "images", "flops", "final_loss", "acc_shape", "acc_colour", "acc_position", "acc_mean", "wall_s")
+ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", "params", "steps",
+                 "unmasked_steps", "images", "flops", "final_loss", "acc_shape", "acc_colour", "acc_position",
+                 "acc_mean", "wall_s")
+
+
+def model_args_text(overrides):
+    """{field: value} -> train.py's --model_args text, e.g. "mixer_depth=0,mlp_ratio=2.5:2.5"."""
+    return ",".join(f"{k}={':'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                    for k, v in overrides.items())
 
 
 def ablation_runs(tables, seeds, base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH):
-    """The runs the tables need, each once: {run: dict(variant, seed, model, mask_ratio, model_args, steps, ...)}."""
+    """The runs the tables need, each once:
+    {run: dict(variant, seed, model, mask_ratio, model_args, steps, ...)}."""
     unknown = [t for t in tables if t not in ABLATION_TABLES]
     if unknown:
         raise ValueError(f"ablate: unknown tables {unknown}; choose from {list(ABLATION_TABLES)}")
 
     def per_image(cfg, mask_ratio):  # training FLOPs per image, averaged over the masked and unmasked steps
         f = lambda m: flops_per_image(cfg, m, train=True, caption_len=24)  # the built-in encoder's 24 tokens
-        return (1 - ABLATION_UNMASKED) * f(mask_ratio) + ABLATION_UNMASKED * f(0.0) if mask_ratio else f(0.0), f
+        return ((1 - ABLATION_UNMASKED) * f(mask_ratio) + ABLATION_UNMASKED * f(0.0) if mask_ratio
+                else f(0.0)), f
 
     budget = per_image(get_config(BASE["model"]), BASE["mask_ratio"])[0] * base_steps * batch_size
     runs = {}
     for variant in dict.fromkeys(v for t in tables for _, v in ABLATION_TABLES[t][1]):
         spec = {**BASE, **VARIANTS[variant]}
-        preset = get_config(spec["model"])
-        cfg = replace(preset, **parse_overrides(spec["model_args"], preset))
+        cfg = replace(get_config(spec["model"]), **spec["model_args"])
         f_avg, f = per_image(cfg, spec["mask_ratio"])
         steps = max(1, round(spec["budget"] * budget / (f_avg * batch_size)))
         unmasked = round(ABLATION_UNMASKED * steps) if spec["mask_ratio"] else 0
         flops = ((steps - unmasked) * f(spec["mask_ratio"]) + unmasked * f(0.0)) * batch_size
         for seed in seeds:
             runs[f"{variant}_s{seed}"] = dict(variant=variant, seed=seed, model=spec["model"],
-                                              mask_ratio=spec["mask_ratio"], model_args=spec["model_args"],
+                                              mask_ratio=spec["mask_ratio"],
+                                              model_args=model_args_text(spec["model_args"]),
                                               params=param_count(cfg), steps=steps, unmasked_steps=unmasked,
                                               images=steps * batch_size, flops=flops)
     return runs
 
 
-def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2, base_steps=ABLATION_BASE_STEPS,
-           batch_size=ABLATION_BATCH, run_root="out/ablate", data_root="data_cache",
-           dataset_size=ABLATION_DATASET_SIZE, train_args=()):
+def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2,
+           base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH, run_root="out/ablate",
+           data_root="data_cache", dataset_size=ABLATION_DATASET_SIZE, train_args=()):
     """Train and evaluate every run the tables need, `jobs` at a time; one JSON line per finished run."""
     runs = ablation_runs(tables, seeds, base_steps, batch_size)
     # an interrupted ablation resumes: finished runs are not repeated
@@ -480,9 +510,9 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2
         t0 = time.time()
         results = run_train(os.path.join(run_root, name), dict(
             model=r["model"], mask_ratio=r["mask_ratio"], model_args=r["model_args"], max_steps=r["steps"],
-            warmup_steps=r["steps"] // 10, unmasked_steps=r["unmasked_steps"], batch_size=batch_size, seed=r["seed"],
-            data_dir=data_dir(r["seed"]), dataset_size=dataset_size, threads=threads, ckpt_every=r["steps"]),
-            train_args)
+            warmup_steps=r["steps"] // 10, unmasked_steps=r["unmasked_steps"], batch_size=batch_size,
+            seed=r["seed"], data_dir=data_dir(r["seed"]), dataset_size=dataset_size, threads=threads,
+            ckpt_every=r["steps"]), train_args)
         row = dict(run=name, **r, **results, wall_s=round(time.time() - t0, 1))
         with lock:
             append_jsonl(out_path, row)
@@ -494,7 +524,8 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2
         try:
             for future in futures:
                 future.result()
-        except BaseException:  # the first failure (or Ctrl-C): no new runs start; finished ones stay in out_path
+        except BaseException:
+            # the first failure (or Ctrl-C): no new runs start; finished ones stay in out_path
             pool.shutdown(cancel_futures=True)
             raise
 
@@ -521,15 +552,16 @@ def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
     for t in tables:
         claim, table_rows = ABLATION_TABLES[t]
         out += [f"### {t}", "", f"Claim: {claim}.", "",
-                "| variant | params | train GFLOPs | steps (unmasked) | seeds | val loss (mask 0) | shape | colour | position | "
-                "mean accuracy | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| variant | params | train GFLOPs | steps (unmasked) | seeds | val loss (mask 0) | shape | "
+                "colour | position | mean accuracy | wall s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, v in table_rows:
             rs = by_variant.get(v, [])
             if not rs:
                 out.append(f"| {label} | not run |" + " |" * 9)
                 continue
-            out.append(f"| {label} | {rs[0]['params'] / 1e6:.2f}M | {rs[0]['flops'] / 1e9:,.0f} | {rs[0]['steps']} "
-                       f"({rs[0]['unmasked_steps'] if rs[0]['mask_ratio'] else 'all'}) | "
+            out.append(f"| {label} | {rs[0]['params'] / 1e6:.2f}M | {rs[0]['flops'] / 1e9:,.0f} | "
+                       f"{rs[0]['steps']} ({rs[0]['unmasked_steps'] if rs[0]['mask_ratio'] else 'all'}) | "
                        f"{len(rs)} | {cell(rs, 'final_loss', '.4f')} | {cell(rs, 'acc_shape', '.3f')} | "
                        f"{cell(rs, 'acc_colour', '.3f')} | {cell(rs, 'acc_position', '.3f')} | "
                        f"{cell(rs, 'acc_mean', '.3f')} | {np.mean([r['wall_s'] for r in rs]):.0f} |")
@@ -539,8 +571,9 @@ def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
                 gf = [r["flops"] / 1e9 for r in pts]
                 a, b = fit_power_law(gf, [r["acc_mean"] for r in pts])
                 la, lb = fit_power_law(gf, [r["final_loss"] for r in pts])
-                out += ["", f"Fitted on these {len(pts)} runs (C in GFLOPs): mean accuracy = {a:.3g} C^{b:.3f}; "
-                        f"val loss = {la:.3g} C^{lb:.3f}. The paper: TIFA S = 0.47 C^0.02."]
+                out += ["", f"Fitted on these {len(pts)} runs (C in GFLOPs): "
+                        f"mean accuracy = {a:.3g} C^{b:.3f}; val loss = {la:.3g} C^{lb:.3f}. "
+                        "The paper: TIFA S = 0.47 C^0.02."]
         out.append("")
     return "\n".join(out)
 
@@ -555,7 +588,8 @@ TARGETS = [("final_loss", "final loss", False), ("acc_mean", "mean accuracy", Tr
 
 
 def fit_results(rows, n_boot=200, seed=0):
-    """Power laws of loss and accuracy against compute, parameters and images; L(N, D); compute-optimal split."""
+    """Power laws of loss and accuracy against compute, parameters and images; L(N, D);
+    compute-optimal split."""
     col = lambda k: np.array([r[k] for r in rows], float)
     out = {"power_laws": []}
     for (y_key, _, maximize), (x_key, _) in itertools.product(TARGETS, AXES):
@@ -564,9 +598,11 @@ def fit_results(rows, n_boot=200, seed=0):
         law = dict(y=y_key, x=x_key, frontier=pareto_frontier(x[ok], y[ok], maximize).tolist())
         try:
             a, b = fit_frontier_power_law(x[ok], y[ok], maximize)
-            lo, hi, n_ok = bootstrap(lambda x, y: fit_frontier_power_law(x, y, maximize), [x[ok], y[ok]], n_boot, seed)
+            lo, hi, n_ok = bootstrap(lambda x, y: fit_frontier_power_law(x, y, maximize), [x[ok], y[ok]],
+                                     n_boot, seed)
             law.update(a=a, b=b, a_ci=(lo[0], hi[0]), b_ci=(lo[1], hi[1]), n_boot=n_ok)
-        except ValueError as e:  # e.g. every run scored 0, or the frontier is a single run: report, fit the rest
+        except ValueError as e:
+            # e.g. every run scored 0, or the frontier is a single run: report, fit the rest
             law.update(error=str(e))
         out["power_laws"].append(law)
     N, D, L = col("params"), col("images"), col("final_loss")
@@ -589,7 +625,8 @@ def print_fits(fits, n_runs):
             print(f"  {p['y']:>10} vs {p['x']}: not fitted ({p['error']})")
             continue
         print(f"  {p['y']:>10} = {p['a']:.4g} [{p['a_ci'][0]:.3g}, {p['a_ci'][1]:.3g}] * {p['x']}^"
-              f"{p['b']:+.4f} [{p['b_ci'][0]:+.4f}, {p['b_ci'][1]:+.4f}]   ({len(p['frontier'])} frontier points)")
+              f"{p['b']:+.4f} [{p['b_ci'][0]:+.4f}, {p['b_ci'][1]:+.4f}]   "
+              f"({len(p['frontier'])} frontier points)")
     c = fits["chinchilla"]
     print(f"L(N, D) = E + A/N^alpha + B/D^beta, N = params, D = images ({c['n_boot']} bootstrap resamples):")
     for k, v in c["fit"].items():
@@ -606,8 +643,10 @@ def plot_fits(rows, fits, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import ticker
-    models = sorted({r["model"] for r in rows}, key=lambda m: min(r["params"] for r in rows if r["model"] == m))
-    fig, axes = plt.subplots(len(TARGETS), len(AXES), figsize=(4 * len(AXES), 3.4 * len(TARGETS)), squeeze=False)
+    models = sorted({r["model"] for r in rows},
+                    key=lambda m: min(r["params"] for r in rows if r["model"] == m))
+    fig, axes = plt.subplots(len(TARGETS), len(AXES), figsize=(4 * len(AXES), 3.4 * len(TARGETS)),
+                             squeeze=False)
     laws = iter(fits["power_laws"])  # in the order fit_results made them: targets outer, axes inner
     for (y_key, y_label, _), row_axes in zip(TARGETS, axes):
         for (x_key, x_label), ax in zip(AXES, row_axes):
@@ -655,11 +694,13 @@ def main(argv=None):
                    + ", ".join(ABLATION_TABLES))
     a.add_argument("--seeds", default=",".join(map(str, ABLATION_SEEDS)))
     a.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cpu_count/jobs threads")
-    a.add_argument("--base-steps", type=int, default=ABLATION_BASE_STEPS, help="the budget C, in base-run steps")
+    a.add_argument("--base-steps", type=int, default=ABLATION_BASE_STEPS,
+                   help="the budget C, in base-run steps")
     a.add_argument("--run-root", default="out/ablate")
     a.add_argument("--data-root", default="data_cache")
     a.add_argument("--dataset-size", type=int, default=ABLATION_DATASET_SIZE)
-    a.add_argument("--train-args", default="", help="extra train.py arguments for every run, e.g. '--eval_n=64'")
+    a.add_argument("--train-args", default="",
+                   help="extra train.py arguments for every run, e.g. '--eval_n=64'")
     a.add_argument("--report", action="store_true", help="only print the tables of --out")
     f = sub.add_parser("fit", help="fit a sweep's results and plot them")
     f.add_argument("results")
@@ -669,8 +710,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cmd == "cost":
         if not (args.gpu_peak > 0 and 0 < args.mfu <= 1 and args.price >= 0):
-            p.error(f"cost: need --gpu-peak > 0, 0 < --mfu <= 1, --price >= 0; got {args.gpu_peak}, {args.mfu}, "
-                    f"{args.price}")
+            p.error(f"cost: need --gpu-peak > 0, 0 < --mfu <= 1, --price >= 0; got {args.gpu_peak}, "
+                    f"{args.mfu}, {args.price}")
         print_cost(args.preset, args.gpu_peak * 1e12, args.mfu, args.price)
     elif args.cmd == "unets":
         print_unet_table()
@@ -686,7 +727,8 @@ def main(argv=None):
                 if args.jobs < 1 or args.base_steps < 1:
                     p.error("ablate: need --jobs >= 1 and --base-steps >= 1")
                 ablate(args.out, tables, seeds, args.jobs, args.base_steps, run_root=args.run_root,
-                       data_root=args.data_root, dataset_size=args.dataset_size, train_args=args.train_args.split())
+                       data_root=args.data_root, dataset_size=args.dataset_size,
+                       train_args=args.train_args.split())
             print(ablation_tables(load_rows(args.out, ABLATION_KEYS), tables))
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             p.error(str(e))

@@ -26,7 +26,8 @@ COLOURS = {  # RGB; saturated hues at least 31 degrees apart as directions, so b
     "cyan": (35, 215, 235), "blue": (45, 45, 245), "purple": (215, 40, 230),
 }
 POSITIONS = {  # (x, y) of the object's bounding-box centre
-    "left": (0.23, 0.5), "right": (0.77, 0.5), "top": (0.5, 0.23), "bottom": (0.5, 0.77), "center": (0.5, 0.5),
+    "left": (0.23, 0.5), "right": (0.77, 0.5), "top": (0.5, 0.23), "bottom": (0.5, 0.77),
+    "center": (0.5, 0.5),
 }
 PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
            "center": "in the center"}
@@ -44,7 +45,8 @@ class Obj(NamedTuple):
 
 
 def caption(scene):
-    """Plain-English caption of a scene, e.g. 'a small red circle on the left and a large blue square at the top'."""
+    """Plain-English caption of a scene,
+    e.g. 'a small red circle on the left and a large blue square at the top'."""
     return " and ".join(f"a {o.size} {o.colour} {o.shape} {PHRASES[o.position]}" for o in scene)
 
 
@@ -69,7 +71,8 @@ def _box(o):
 
 
 def _compatible(a, b):
-    """Two objects may share an image: different colours, boxes apart by GAP along x or y (so other positions)."""
+    """Two objects may share an image: different colours, boxes apart by GAP along x or y
+    (so other positions)."""
     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = _box(a), _box(b)
     apart = max(bx0 - ax1, ax0 - bx1) >= GAP or max(by0 - ay1, ay0 - by1) >= GAP
     return a.colour != b.colour and apart
@@ -100,7 +103,8 @@ def train_scene(seed, i):
 
 
 def heldout_captions(n=512, seed=0):
-    """n captions of held-out scenes, which training data never contains; no scene repeats before all are used."""
+    """n captions of held-out scenes, which training data never contains;
+    no scene repeats before all are used."""
     objs = [Obj(*o) for o in itertools.product(SHAPES, COLOURS, POSITIONS, SIZES)]
     scenes = [s for s in itertools.combinations(objs, 2) if _compatible(*s) and is_heldout(s)]  # 526 of 4320
     rng = np.random.default_rng([seed, 2**32 - 1])  # a stream no training index (seed, i) uses
@@ -132,7 +136,8 @@ def render(scene, res=32):
 # black background, blur and mild noise leave nearly unchanged; its length gives the coverage.
 
 
-Blob = NamedTuple("Blob", [("colour", str), ("position", str), ("shape", str), ("area", float)])  # area in pixels
+Blob = NamedTuple("Blob", [("colour", str), ("position", str), ("shape", str),
+                           ("area", float)])  # area in pixels
 
 
 _PAL = np.array(list(COLOURS.values()), np.float32) / 255  # (K, 3)
@@ -149,7 +154,8 @@ def find_blobs(image):
     proj = x @ _PAL_UNIT.T  # (H, W, K) length along each palette direction
     k = proj.argmax(-1)
     cos = proj.max(-1) / (np.linalg.norm(x, axis=-1) + 1e-6)
-    alpha = np.clip(proj.max(-1) / np.linalg.norm(_PAL, axis=1)[k], 0, 1)  # coverage of the pixel by the object
+    # coverage of the pixel by the object
+    alpha = np.clip(proj.max(-1) / np.linalg.norm(_PAL, axis=1)[k], 0, 1)
     fg = (alpha > 0.3) & (cos > 0.9)  # cos(26 deg): greys and whites are background, not an object
     min_px = 0.3 * 0.5 * (SIZES["small"] * res) ** 2  # a third of the smallest object (a small triangle)
     max_px = 2.0 * (SIZES["large"] * res) ** 2  # twice the largest (a large square)
@@ -163,7 +169,8 @@ def find_blobs(image):
             w = alpha[sl][ys, xs]  # (P,) coverage of the blob's pixels
             area, cy, cx = w.sum(), (ys * w).sum() / w.sum(), (xs * w).sum() / w.sum()
             u = np.stack([xs - cx, ys - cy])  # (2, P) offsets from the centroid
-            u = np.concatenate([u, np.stack([u[0] + u[1], u[0] - u[1]]) / 2**0.5])  # (4, P) along x, y, diagonals
+            # (4, P) along x, y, diagonals
+            u = np.concatenate([u, np.stack([u[0] + u[1], u[0] - u[1]]) / 2**0.5])
             m2, m3, m4 = ((w * u**p).sum(1) / area for p in (2, 3, 4))
             var = m2[:2].mean()
             if m2[:2].min() < 0.1 or area / var < 6:  # a solid shape has area/variance 10-13, noise far less
@@ -176,7 +183,8 @@ def find_blobs(image):
             skew, corners = m3[1] / m2[1] ** 1.5, (k4[:2].sum() - k4[2:].sum()) / 2 / var**2
             shape = "triangle" if skew < -0.15 else "square" if corners < -0.25 else "circle"
             where = (cx + sl[1].start + 0.5) / res, (cy + sl[0].start + 0.5) / res
-            blobs.append(Blob(name, list(POSITIONS)[np.argmin(((_ANCHORS - where) ** 2).sum(1))], shape, float(area)))
+            blobs.append(Blob(name, list(POSITIONS)[np.argmin(((_ANCHORS - where) ** 2).sum(1))], shape,
+                              float(area)))
     return blobs
 
 
@@ -186,7 +194,8 @@ def _agree(o, b):
 
 
 def score(images, captions):
-    """Per-attribute accuracy of images against their captions: {'shape', 'colour', 'position', 'count', 'mean'}."""
+    """Per-attribute accuracy of images against their captions:
+    {'shape', 'colour', 'position', 'count', 'mean'}."""
     if len(images) != len(captions):
         raise ValueError(f"score: {len(images)} images but {len(captions)} captions")
     hits = {"shape": [], "colour": [], "position": [], "count": []}
@@ -198,7 +207,8 @@ def score(images, captions):
         # the largest blobs; so a wrong colour costs the colour only, and a swap of colours between two
         # objects (wrong binding) shows up as wrong colours.
         blobs = sorted(blobs, key=lambda b: -b.area)[:8]
-        key = lambda bs: (sum(_agree(o, b) for o, b in zip(scene, bs)), sum(b.area for b in bs if b is not None))
+        key = lambda bs: (sum(_agree(o, b) for o, b in zip(scene, bs)),
+                          sum(b.area for b in bs if b is not None))
         matched = max(itertools.permutations(blobs + [None] * len(scene), len(scene)), key=key)
         for o, b in zip(scene, matched):
             for attr in ("shape", "colour", "position"):
@@ -213,11 +223,12 @@ def score(images, captions):
 
 
 class BuiltinTextEncoder:
-    """Word tokens -> fixed random vectors seeded by crc32(word), plus a sinusoidal position code, plus a causal
-    context: a decaying sum (factor `context` per word) of second vectors, seeded by crc32('ctx:' + word), of
-    the words before. As in a causal CLIP text tower, 'left' in 'a red circle on the left' then carries 'red' and
-    'circle'. Without it (context=0) each token knows only its word and place, and a small model rarely learns
-    which colour goes with which object: MicroDiT_S at 1,000 steps scored colour 0.75 without, 0.98 with."""
+    """Word tokens -> fixed random vectors seeded by crc32(word), plus a sinusoidal position code, plus a
+    causal context: a decaying sum (factor `context` per word) of second vectors, seeded by
+    crc32('ctx:' + word), of the words before. As in a causal CLIP text tower, 'left' in
+    'a red circle on the left' then carries 'red' and 'circle'. Without it (context=0) each token knows
+    only its word and place, and a small model rarely learns which colour goes with which object:
+    MicroDiT_S at 1,000 steps scored colour 0.75 without, 0.98 with."""
 
     def __init__(self, dim=64, max_len=24, context=0.7):
         if dim < 2 or dim % 2:
@@ -233,7 +244,8 @@ class BuiltinTextEncoder:
         self.pad = self._vector("<pad>")  # '<' and ':' cannot occur in a word token, so no word shares these
 
     def _vector(self, word):
-        if word not in self._vectors:  # RandomState's stream is frozen across numpy versions; crc32 across runs
+        # RandomState's stream is frozen across numpy versions; crc32 across runs
+        if word not in self._vectors:
             rs = np.random.RandomState(zlib.crc32(word.encode()))
             self._vectors[word] = torch.from_numpy(rs.standard_normal(self.dim).astype(np.float32))
         return self._vectors[word]

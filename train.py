@@ -30,10 +30,10 @@ import torch.distributed as dist
 
 import data
 import shapes
-from checkpoint import (add_results, atomic_write, list_checkpoints, load_checkpoint, push_to_hub, read_checkpoint,
-                        remove, resolve_checkpoint, save_pretrained, save_train_state)
+from checkpoint import (add_results, atomic_write, list_checkpoints, load_checkpoint, push_to_hub,
+                        read_checkpoint, remove, resolve_checkpoint, save_pretrained, save_train_state)
 from diffusion import Denoiser, drop_captions, edm_loss, sample_sigma, training_noise
-from model import build_model, flops_per_image, get_config, num_params, parse_overrides, parse_value
+from model import build_model, flops_per_image, get_config, num_params
 from sample import generate, image_grid
 from scaling import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours
 
@@ -41,16 +41,16 @@ from scaling import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "shapes"          # "shapes": the built-in dataset, written to data_dir if missing; "shards"
+    dataset: str = "shapes"          # "shapes": the built-in dataset, made if missing; "shards"
     data_dir: str = ""               # latent shards (index.json + shard-*.safetensors): a local folder or
                                      # hf://datasets/USER/NAME[@REV][/SUBDIR]; "" = data_cache/shapes<res>
     dataset_size: int = 40_000       # built-in dataset: training images to generate
-    text_context: float = 0.7        # built-in dataset: the text encoder's causal context (shapes.py); 0 = none
+    text_context: float = 0.7        # built-in dataset: the text encoder's causal context, 0 = none
     shuffle_buffer: int = 8192       # records shuffled together in memory
     num_workers: int = 0             # DataLoader workers per rank and lane
-    data_lanes: int = 0              # shard streams dealt out to ranks, each filling batch_size/lanes of every
-                                     # global batch; 0 = world size. A fixed value (a multiple of every world
-                                     # size used) makes the data order independent of the number of ranks
+    data_lanes: int = 0              # shard streams dealt out to ranks, each filling batch_size/lanes of
+                                     # every global batch; 0 = world size. A fixed value (a multiple of every
+                                     # world size used) makes the data order independent of the world size
     # model
     model: str = "MicroDiT_S"        # a preset of model.py
     model_args: str = ""             # overrides of the preset's fields, e.g. "mixer_depth=0,num_experts=0"
@@ -101,10 +101,45 @@ class TrainConfig:
     keep_ckpts: int = 2              # newest checkpoints kept in out_dir
     push_to_hub: str = ""            # a Hub repo id: the final checkpoint (weights, config, card) is uploaded
     resume: str = ""                 # full state: "auto" = newest checkpoint of out_dir that loads, or a path
-    init_from: str = ""              # when nothing is resumed: a checkpoint (or run folder) whose weights start
-                                     # this run at step 0; pos_embed is recomputed for this model's latent size
+    init_from: str = ""              # when nothing is resumed: a checkpoint (or run folder) whose weights
+                                     # start this run at step 0; pos_embed is recomputed for this latent size
     init_state: bool = False         # with init_from: also its optimizer state, step and data position
     peak_flops: float = 0.0          # device peak FLOP/s for MFU; 0 = measure a matmul once
+
+
+def parse_value(key, text, typ):
+    """'--key=value' text -> a value of type typ (bool, int, float, str, Optional); errors name the key."""
+    if typing.get_origin(typ) is typing.Union:  # Optional[X]
+        if text.lower() == "none":
+            return None
+        typ = [t for t in typing.get_args(typ) if t is not type(None)][0]
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}: expected true or false, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"--{key}: expected {typ.__name__}, got {text!r}") from None
+
+
+def model_overrides(text, cfg):
+    """--model_args: 'field=value,...' -> {field: value} typed like cfg's own fields; a tuple field's values
+    are joined by ':' ("mixer_depth=0,mlp_ratio=2.5:2.5")."""
+    known, out = {f.name: getattr(cfg, f.name) for f in fields(cfg)}, {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if key not in known or not sep:
+            raise ValueError(f"--model_args: {item!r} is not FIELD=VALUE with FIELD one of: "
+                             f"{', '.join(known)}")
+        old = known[key]
+        if isinstance(old, tuple):
+            out[key] = tuple(parse_value(f"model_args {key}", v, type(old[0])) for v in value.split(":"))
+        else:
+            out[key] = parse_value(f"model_args {key}", value, type(old))
+    return out
 
 
 def load_config(argv):
@@ -139,7 +174,7 @@ def load_config(argv):
     if not 0 <= cfg.text_context < 1:
         raise ValueError(f"--text_context must be in [0, 1), got {cfg.text_context}")
     if cfg.model_args:  # checked now, so a typo is a one-line error before any work
-        parse_overrides(cfg.model_args, get_config(cfg.model))
+        model_overrides(cfg.model_args, get_config(cfg.model))
     return cfg
 
 
@@ -147,7 +182,7 @@ def model_config(cfg):
     """The network's config: the preset, its latent size and interp scale for this run, --model_args."""
     mcfg = get_config(cfg.model, **{k: v for k, v in (("latent_size", cfg.latent_size),
                                                        ("pos_interp_scale", cfg.pos_interp_scale)) if v})
-    return replace(mcfg, **parse_overrides(cfg.model_args, mcfg))
+    return replace(mcfg, **model_overrides(cfg.model_args, mcfg))
 
 
 def lr_at(step, cfg):
@@ -175,8 +210,8 @@ def measure_peak_flops(device, dtype, n=2048, seconds=1.0):
 
 
 def step_seed(seed, step, stream):
-    """A 63-bit seed that is a pure function of (seed, step, stream): the randomness of a step never depends on
-    the steps before it, so a resumed run needs no RNG state to replay it exactly."""
+    """A 63-bit seed that is a pure function of (seed, step, stream): the randomness of a step never depends
+    on the steps before it, so a resumed run needs no RNG state to replay it exactly."""
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 # -----------------------------------------------------------------------------
@@ -184,7 +219,7 @@ def step_seed(seed, step, stream):
 
 
 def setup_distributed(cfg):
-    """(ddp, rank, world, device): torchrun sets RANK and WORLD_SIZE; plain `python train.py` is one process."""
+    """(ddp, rank, world, device): torchrun sets RANK and WORLD_SIZE; `python train.py` is one process."""
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -200,14 +235,16 @@ def setup_distributed(cfg):
 
 
 def split_batch(cfg, world):
-    """(grad_accum, micro_batch, lanes). The global batch is batch_size on any number of ranks: each rank computes
-    a contiguous 1/world of it in grad_accum micro-batches; with micro_batch set (what fits in memory), the
-    accumulation follows from the world size."""
+    """(grad_accum, micro_batch, lanes). The global batch is batch_size on any number of ranks: each rank
+    computes a contiguous 1/world of it in grad_accum micro-batches; with micro_batch set (what fits in
+    memory), the accumulation follows from the world size."""
     grad_accum = cfg.batch_size // (cfg.micro_batch * world) if cfg.micro_batch else cfg.grad_accum
-    micro_batch = cfg.batch_size // (grad_accum * world) if grad_accum > 0 else 0  # per rank, per forward pass
-    if not micro_batch or micro_batch * grad_accum * world != cfg.batch_size or cfg.micro_batch not in (0, micro_batch):
+    micro_batch = cfg.batch_size // (grad_accum * world) if grad_accum > 0 else 0  # per rank and forward pass
+    if (not micro_batch or micro_batch * grad_accum * world != cfg.batch_size
+            or cfg.micro_batch not in (0, micro_batch)):
         raise ValueError(f"batch_size={cfg.batch_size} does not split into world size {world} x grad_accum x "
-                         f"micro-batch (grad_accum={cfg.grad_accum}, micro_batch={cfg.micro_batch}; see TrainConfig)")
+                         f"micro-batch (grad_accum={cfg.grad_accum}, micro_batch={cfg.micro_batch}; "
+                         f"see TrainConfig)")
     lanes = cfg.data_lanes or world
     if lanes % world or cfg.batch_size % lanes:
         raise ValueError(f"data_lanes={lanes} must be a multiple of the world size {world} and divide "
@@ -219,50 +256,59 @@ def prepare_data(cfg, mcfg, master, ddp):
     """The dataset's index.json; the built-in dataset is written on first use, sized for the model."""
     if cfg.dataset not in ("shapes", "shards"):
         raise ValueError(f"--dataset must be 'shapes' or 'shards', got {cfg.dataset!r}")
-    if cfg.dataset == "shapes":  # the built-in images are the latents: their size and caption width follow the model
+    if cfg.dataset == "shapes":  # the built-in images are the latents: their size follows the model's
         res, text_dim = mcfg.latent_size, mcfg.caption_dim
-        cfg.data_dir = cfg.data_dir or f"data_cache/shapes{res}" + (f"_d{text_dim}" if text_dim != 64 else "") + \
-            (f"_ctx{cfg.text_context:g}" if cfg.text_context != 0.7 else "")
+        cfg.data_dir = cfg.data_dir or (f"data_cache/shapes{res}" + (f"_d{text_dim}" * (text_dim != 64))
+                                        + (f"_ctx{cfg.text_context:g}" * (cfg.text_context != 0.7)))
         if master:  # a no-op when the same dataset is already there; an error if a different one is
-            data.make_shapes_dataset(cfg.data_dir, cfg.dataset_size, res=res, seed=cfg.seed, text_dim=text_dim,
-                                     context=cfg.text_context)
+            data.make_shapes_dataset(cfg.data_dir, cfg.dataset_size, res=res, seed=cfg.seed,
+                                     text_dim=text_dim, context=cfg.text_context)
         if ddp:
             dist.barrier()
     index = data.read_index(cfg.data_dir)
     C, H, W = index["latent_shape"]
     if (C, H) != (mcfg.latent_channels, mcfg.latent_size) or index["text_shape"][-1] != mcfg.caption_dim:
         raise ValueError(f"model {cfg.model} expects latents ({mcfg.latent_channels}, {mcfg.latent_size}, "
-                         f"{mcfg.latent_size}) and captions of width {mcfg.caption_dim}; {cfg.data_dir} holds "
-                         f"latents {tuple(index['latent_shape'])} and captions {tuple(index['text_shape'])}")
+                         f"{mcfg.latent_size}) and captions of width {mcfg.caption_dim}; {cfg.data_dir} "
+                         f"holds latents {tuple(index['latent_shape'])} and captions "
+                         f"{tuple(index['text_shape'])}")
     return index
 
 
-def start(cfg, net, ema, opt, master):
-    """(step, samples, skipped) after loading what starts this run. resume: this run's own full state, "auto" the
-    newest checkpoint of out_dir that loads; init_from: another run (a previous recipe stage) starts this one."""
+def start(cfg, net, ema, opt, master, ddp, device):
+    """(step, samples, skipped) after loading what starts this run. resume: this run's own full state,
+    "auto" the newest checkpoint of out_dir that loads; init_from: another run (a previous recipe stage)."""
     found = None
     if cfg.resume == "auto":
         for folder in list_checkpoints(cfg.out_dir):
             try:
                 found = "resumed from", folder, read_checkpoint(folder)
                 break
-            except Exception as e:  # a truncated or corrupt file: say which, and fall back to the previous checkpoint
+            except Exception as e:  # a truncated or corrupt file: say which, fall back to the previous one
                 if master:
-                    print(f"warning: checkpoint {folder} does not load ({type(e).__name__}: {e}); trying an older one")
+                    print(f"warning: checkpoint {folder} does not load ({type(e).__name__}: {e}); "
+                          f"trying an older one")
     elif cfg.resume:
         found = "resumed from", cfg.resume, read_checkpoint(cfg.resume)
     if found is None and cfg.init_from:
         folder = resolve_checkpoint(cfg.init_from)
         found = "started from", folder, read_checkpoint(folder, full=cfg.init_state)
-    if found is None:
-        if cfg.resume == "auto" and master:
-            print(f"no checkpoint in {cfg.out_dir}: starting fresh")
-        return 0, 0, 0
-    how, folder, ckpt = found
-    state = load_checkpoint(ckpt, folder, net, ema, opt)
-    step, samples, skipped = (state["step"], state["samples"], state.get("skipped", 0)) if ckpt["opt"] else (0, 0, 0)
-    if master:
-        print(f"{how} {folder} at step {step}" + ("" if ckpt["opt"] is not None else " (weights only)"))
+    step, samples, skipped = 0, 0, 0
+    if found is None and cfg.resume == "auto" and master:
+        print(f"no checkpoint in {cfg.out_dir}: starting fresh")
+    if found is not None:
+        how, folder, ckpt = found
+        state = load_checkpoint(ckpt, folder, net, ema, opt)
+        if ckpt["opt"] is not None:
+            step, samples, skipped = state["step"], state["samples"], state.get("skipped", 0)
+        if master:
+            print(f"{how} {folder} at step {step}" + ("" if ckpt["opt"] is not None else " (weights only)"))
+    if ddp:  # every rank must start at the same step: with several nodes, out_dir must be on shared storage
+        agreed = torch.tensor([step, -step], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        if agreed.sum() != 0:
+            raise RuntimeError(f"rank {dist.get_rank()} starts at step {step}, another rank does not: "
+                               f"is {cfg.out_dir} shared?")
     return step, samples, skipped
 
 
@@ -272,10 +318,11 @@ def make_loaders(cfg, rank, world, lanes, samples):
     [r, r+1) * lanes/world, its contiguous 1/world of every global batch. A fixed data_lanes gives the same
     global batches on every world size that divides it."""
     per_lane = cfg.batch_size // lanes
-    # the loaders get their own generator: drawing their seed from the global RNG would shift a resumed run's noise
+    # the loaders get their own generator: drawing their seed from the global RNG would shift a resumed run's
+    # noise
     return [iter(torch.utils.data.DataLoader(
-        data.ShardStream(cfg.data_dir, seed=cfg.seed, rank=lane, world_size=lanes, shuffle_buffer=cfg.shuffle_buffer,
-                         start=samples // lanes, batch_size=per_lane),
+        data.ShardStream(cfg.data_dir, seed=cfg.seed, rank=lane, world_size=lanes,
+                         shuffle_buffer=cfg.shuffle_buffer, start=samples // lanes, batch_size=per_lane),
         batch_size=per_lane, num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(cfg.seed)))
         for lane in range(rank * lanes // world, (rank + 1) * lanes // world)]
@@ -291,14 +338,38 @@ def ignore_stop_signals(worker_id):
 def print_plan(cfg, net, flops_at, mask_at, step, device, bf16, peak, world, grad_accum, micro_batch, lanes):
     """What this run is: the model, its FLOPs and price, the device and the batch arithmetic."""
     total = sum(flops_at[mask_at(s)] for s in range(step, cfg.max_steps)) * cfg.batch_size
-    unmasked = f", the last {cfg.unmasked_steps} steps unmasked" if cfg.unmasked_steps and cfg.mask_ratio else ""
+    unmasked = (f", the last {cfg.unmasked_steps} steps unmasked" if cfg.unmasked_steps and cfg.mask_ratio
+                else "")
     print(f"model {cfg.model}: {num_params(net):,} parameters, {flops_at[cfg.mask_ratio] / 1e9:.2f} training "
-          f"GFLOPs per image at mask ratio {cfg.mask_ratio}{unmasked}; device {device}{' bf16' if bf16 else ''}, "
-          f"peak {peak / 1e12:.2f} TFLOP/s (measured matmul)")
+          f"GFLOPs per image at mask ratio {cfg.mask_ratio}{unmasked}; device {device}"
+          f"{' bf16' if bf16 else ''}, peak {peak / 1e12:.2f} TFLOP/s (measured matmul)")
     print(f"this run: {total:.2e} training FLOPs, {gpu_hours(total):.2g} H100-hours = "
-          f"${dollars(gpu_hours(total)):.2g} at {DEFAULT_MFU:.0%} MFU and ${PRICE_PER_GPU_HOUR}/hour (scaling.py)")
+          f"${dollars(gpu_hours(total)):.2g} at {DEFAULT_MFU:.0%} MFU and ${PRICE_PER_GPU_HOUR}/hour "
+          f"(scaling.py)")
     print(f"batch {cfg.batch_size} = {world} ranks x {grad_accum} accumulation x {micro_batch} micro-batch; "
           f"{lanes} data lanes")
+
+
+def build(cfg, mcfg, device, master):
+    """(net, ema, opt): the network, its EMA (on rank 0 only, the rank that evaluates and saves it), AdamW."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    net = build_model(mcfg).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay > 0 and master else None
+    # fused: one kernel for all the parameters instead of several per tensor (on CPU too)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    return net, ema, opt
+
+
+def checkpoint_config(cfg, meta, prompts):
+    """What every checkpoint's config.json records beside the model: the frozen encoders its data was made
+    with (sample.py rebuilds them), sigma_data, the training config and the evaluation captions."""
+    # (datasets written before encoder specs existed name only the built-in encoder's size)
+    text_encoder = meta.get("text_encoder") or {"type": "builtin", "dim": meta["text_dim"],
+                                                "max_len": meta["max_len"]}
+    latents = meta.get("latents") or {"type": meta.get("latent", "pixels")}
+    return {"text_encoder": text_encoder, "latents": latents, "sigma_data": cfg.sigma_data,
+            "train": asdict(cfg), "eval_prompts": prompts}
 
 
 @torch.no_grad()
@@ -307,6 +378,63 @@ def update_ema(ema, net, step, decay):
     decay = min(decay, (1 + step) / (10 + step))
     for pe, p in zip(ema.parameters(), net.parameters()):
         pe.lerp_(p.detach(), 1 - decay)
+
+
+def report_bad_step(cfg, step, bad_in_row, master):
+    """A skipped step is said; max_bad_steps of them in a row stop the run."""
+    if master:
+        print(f"step {step + 1:6d} | non-finite loss or gradient: skipped ({bad_in_row} in a row)",
+              flush=True)
+    if bad_in_row >= cfg.max_bad_steps:
+        raise RuntimeError(f"step {step + 1}: {bad_in_row} steps in a row with a non-finite loss or gradient "
+                           f"(max_bad_steps={cfg.max_bad_steps}); stopping. The checkpoints in {cfg.out_dir} "
+                           f"hold finite weights: lower lr or grad_clip, check the data, then resume")
+
+
+def forward_backward(cfg, D, x, y, sigma, noise, mask_ratio, micro_batch, grad_accum, ddp, bf16):
+    """The loss of this rank's part of the batch, its gradients accumulated over micro-batches; DDP
+    all-reduces them on the last micro-batch only."""
+    loss = torch.zeros((), device=x.device)
+    for i in range(0, len(x), micro_batch):
+        mb = slice(i, i + micro_batch)
+        sync = i + micro_batch == len(x) or not ddp
+        with (contextlib.nullcontext() if sync else D.net.no_sync()), \
+                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            micro_loss = edm_loss(D, x[mb], y[mb], sigma[mb], noise[mb], mask_ratio)
+            (micro_loss / grad_accum).backward()
+        loss += micro_loss.detach() / grad_accum
+    return loss
+
+
+class Meter:
+    """What happened since the last log line (mean loss of the good steps, time, FLOPs), then the line."""
+
+    def __init__(self, cfg, peak, world, device):
+        self.cfg, self.peak, self.world, self.device = cfg, peak, world, device
+        self.reset()
+
+    def reset(self):
+        self.t0, self.loss_sum, self.n_ok, self.n, self.flops = time.perf_counter(), 0.0, 0, 0, 0.0
+
+    def add(self, loss, ok, flops):
+        self.loss_sum, self.n_ok = (self.loss_sum + loss, self.n_ok + 1) if ok else (self.loss_sum, self.n_ok)
+        self.n, self.flops = self.n + 1, self.flops + flops
+
+    def log(self, step, skipped, ddp, master):
+        cfg = self.cfg
+        loss = torch.as_tensor(self.loss_sum / self.n_ok if self.n_ok else float("nan"), device=self.device)
+        if ddp:  # gloo has no ReduceOp.AVG
+            dist.all_reduce(loss)
+            loss /= self.world
+        dt = (time.perf_counter() - self.t0) / self.n
+        if master:
+            ips, mfu = cfg.batch_size / dt, self.flops / (dt * self.n) / self.world / self.peak
+            print(f"step {step:6d} | loss {loss.item():.4f} | lr {lr_at(step - 1, cfg):.2e} | "
+                  f"{dt * 1000:.0f} ms/step | {ips:.0f} img/s | MFU {mfu:.1%}"
+                  + (f" | skipped {skipped}" if skipped else ""), flush=True)
+            log(cfg, {"step": step, "loss": loss.item(), "ms_per_step": dt * 1000, "img_per_s": ips,
+                      "skipped": skipped})
+        self.reset()
 
 
 @torch.no_grad()
@@ -354,78 +482,57 @@ def log(cfg, record):
 
 def train(cfg):
     ddp, rank, world, device = setup_distributed(cfg)
-    master = rank == 0
-    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    master, bf16 = rank == 0, device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     grad_accum, micro_batch, lanes = split_batch(cfg, world)
     mcfg = model_config(cfg)
     index = prepare_data(cfg, mcfg, master, ddp)
-    meta = index["meta"]
     if master:
         print("config:", json.dumps(asdict(cfg)))
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    net = build_model(mcfg).to(device)
-    # the EMA lives on rank 0 only, the rank that evaluates and saves it
-    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay > 0 and master else None
-    # fused: one kernel for all the parameters instead of several per tensor (on CPU too)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    step, samples, skipped = start(cfg, net, ema, opt, master)
-    if ddp:  # every rank must start at the same step: with several nodes, out_dir must be on storage they share
-        agreed = torch.tensor([step, -step], device=device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        if agreed.sum() != 0:
-            raise RuntimeError(f"rank {rank} starts at step {step} but another rank does not: is {cfg.out_dir} shared?")
+    net, ema, opt = build(cfg, mcfg, device, master)
+    step, samples, skipped = start(cfg, net, ema, opt, master, ddp, device)
     mask_at = lambda step: 0.0 if step >= cfg.max_steps - cfg.unmasked_steps else cfg.mask_ratio
-    flops_at = {m: flops_per_image(mcfg, m, caption_len=index["text_shape"][0]) for m in (cfg.mask_ratio, 0.0)}
+    flops_at = {m: flops_per_image(mcfg, m, caption_len=index["text_shape"][0])  # per image, train step
+                for m in (cfg.mask_ratio, 0.0)}
     peak = cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     if master:
-        print_plan(cfg, net, flops_at, mask_at, step, device, bf16, peak, world, grad_accum, micro_batch, lanes)
+        print_plan(cfg, net, flops_at, mask_at, step, device, bf16, peak, world, grad_accum, micro_batch,
+                   lanes)
     loaders = make_loaders(cfg, rank, world, lanes, samples)
     model = torch.compile(net) if cfg.compile else net  # compile after .to(device), before the DDP wrap
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
     D = Denoiser(model, cfg.sigma_data)
-
     val = data.load_all(os.path.join(cfg.data_dir, "val")) if data.has_split(cfg.data_dir, "val") else None
-    prompts = shapes.heldout_captions(cfg.eval_n) if meta.get("dataset") == "shapes" else []
-    # the checkpoint names the frozen encoders its data was made with, so sample.py can rebuild them
-    text_encoder = meta.get("text_encoder") or {"type": "builtin", "dim": meta["text_dim"], "max_len": meta["max_len"]}
-    extra = {"text_encoder": text_encoder, "latents": meta.get("latents") or {"type": meta.get("latent", "pixels")},
-             "sigma_data": cfg.sigma_data, "train": asdict(cfg), "eval_prompts": prompts}
+    prompts = shapes.heldout_captions(cfg.eval_n) if index["meta"].get("dataset") == "shapes" else []
+    extra = checkpoint_config(cfg, index["meta"], prompts)
     state = lambda: {"step": step, "samples": samples, "skipped": skipped, "config": asdict(cfg)}
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     stop = []  # SIGTERM / SIGINT: finish this step, checkpoint, exit 0
-    handlers = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(True))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     gen = torch.Generator(device=device)  # seeded alike on every rank: the noise of the global batch
-    t_log, loss_sum, n_ok, n_log, flops_log, bad_in_row, stopping = time.perf_counter(), 0.0, 0, 0, 0.0, 0, False
-    t_start, step_start = t_log, step
+    meter, bad_in_row, stopping = Meter(cfg, peak, world, device), 0, False
+    t_start, step_start = time.perf_counter(), step
     while step < cfg.max_steps and not stopping:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        # A step's randomness is a function of (seed, step), so a resume replays it without RNG state. sigma, noise
-        # and caption dropout are drawn for the whole global batch on every rank, each rank keeping its slice: any
-        # world size trains on the same noise. The token masks (drawn inside the model) use the per-rank global RNG.
+        # A step's randomness is a function of (seed, step), so a resume replays it without RNG state. sigma,
+        # noise and caption dropout are drawn for the whole global batch on every rank, each rank keeping its
+        # slice: any world size trains on the same noise. The token masks (drawn inside the model) use the
+        # per-rank global RNG.
         gen.manual_seed(step_seed(cfg.seed, step, 0))
         torch.manual_seed(step_seed(cfg.seed, step, 1 + rank))
         batches = [next(it) for it in loaders]
-        x = torch.cat([b["latent"] for b in batches]).to(device)  # (batch_size / world, C, H, W): this rank's part
+        x = torch.cat([b["latent"] for b in batches]).to(device)  # (batch_size / world, C, H, W)
         y = torch.cat([b["text"] for b in batches]).to(device)  # (batch_size / world, L, Dy)
-        sigma, noise, keep = training_noise(cfg.batch_size, x.shape[1:], cfg.P_mean, cfg.P_std, cfg.caption_dropout,
-                                            device, gen)  # (batch_size,), (batch_size, C, H, W), (batch_size,)
+        sigma, noise, keep = training_noise(cfg.batch_size, x.shape[1:], cfg.P_mean, cfg.P_std,
+                                            cfg.caption_dropout, device, gen)  # for the whole global batch
         part = slice(rank * len(x), (rank + 1) * len(x))
-        sigma, noise, y = sigma[part], noise[part], drop_captions(y, keep[part])
-        loss = torch.zeros((), device=device)
-        for i in range(0, len(x), micro_batch):
-            mb = slice(i, i + micro_batch)
-            sync = i + micro_batch == len(x) or not ddp  # all-reduce gradients on the last micro-batch only
-            with (contextlib.nullcontext() if sync else model.no_sync()), \
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                micro_loss = edm_loss(D, x[mb], y[mb], sigma[mb], noise[mb], mask_at(step))
-                (micro_loss / grad_accum).backward()
-            loss += micro_loss.detach() / grad_accum
+        loss = forward_backward(cfg, D, x, drop_captions(y, keep[part]), sigma[part], noise[part],
+                                mask_at(step), micro_batch, grad_accum, ddp, bf16)
         bad = ~loss.isfinite()
         if cfg.grad_clip > 0:  # the norm of the all-reduced gradient: the same on every rank
             bad |= ~torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip).isfinite()
@@ -434,47 +541,28 @@ def train(cfg):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stopping, bad = (bool(f) for f in flags.tolist())
         if bad:  # skip the step: no update of the weights, the EMA or the optimizer; the batch is passed over
-            opt.zero_grad(set_to_none=True)
             skipped, bad_in_row = skipped + 1, bad_in_row + 1
-            if master:
-                print(f"step {step + 1:6d} | non-finite loss or gradient: skipped ({bad_in_row} in a row)", flush=True)
-            if bad_in_row >= cfg.max_bad_steps:
-                raise RuntimeError(f"step {step + 1}: {bad_in_row} steps in a row with a non-finite loss or gradient "
-                                   f"(max_bad_steps={cfg.max_bad_steps}); stopping. The checkpoints in {cfg.out_dir} "
-                                   f"hold finite weights: lower lr or grad_clip, check the data, then resume")
+            report_bad_step(cfg, step, bad_in_row, master)
         else:
             opt.step()
-            opt.zero_grad(set_to_none=True)
             if ema is not None:
                 update_ema(ema, net, step, cfg.ema_decay)
-            loss_sum, n_ok, bad_in_row = loss_sum + loss, n_ok + 1, 0
-        flops_log += flops_at[mask_at(step)] * cfg.batch_size
-        step += 1
-        n_log += 1
-        samples += cfg.batch_size
+            bad_in_row = 0
+        opt.zero_grad(set_to_none=True)
+        meter.add(loss, not bad, flops_at[mask_at(step)] * cfg.batch_size)
+        step, samples = step + 1, samples + cfg.batch_size
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            loss_avg = torch.as_tensor(loss_sum / n_ok if n_ok else float("nan"), device=device)
-            if ddp:  # gloo has no ReduceOp.AVG
-                dist.all_reduce(loss_avg)
-                loss_avg /= world
-            dt = (time.perf_counter() - t_log) / n_log
-            if master:
-                ips = cfg.batch_size / dt
-                print(f"step {step:6d} | loss {loss_avg.item():.4f} | lr {lr_at(step - 1, cfg):.2e} | "
-                      f"{dt * 1000:.0f} ms/step | {ips:.0f} img/s | MFU {flops_log / (dt * n_log) / world / peak:.1%}"
-                      + (f" | skipped {skipped}" if skipped else ""), flush=True)
-                log(cfg, {"step": step, "loss": loss_avg.item(), "ms_per_step": dt * 1000, "img_per_s": ips,
-                          "skipped": skipped})
-            t_log, loss_sum, n_ok, n_log, flops_log = time.perf_counter(), 0.0, 0, 0, 0.0
+            meter.log(step, skipped, ddp, master)
         if master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             results = evaluate(cfg, ema or net, val, prompts, extra, step, device)
-            print(f"step {step:6d} | eval " + " ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
+            print(f"step {step:6d} | eval " + " ".join(f"{k} {v:.3f}" for k, v in results.items()),
+                  flush=True)
             log(cfg, {"step": step, **results})
-            t_log = time.perf_counter()
+            meter.t0 = time.perf_counter()
         if master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping):
             save_checkpoint(cfg, net, ema, opt, extra, state())
-            t_log = time.perf_counter()
+            meter.t0 = time.perf_counter()
 
     for sig, handler in handlers.items():  # signals act as usual again
         signal.signal(sig, handler)
@@ -486,7 +574,7 @@ def train(cfg):
 
 
 def finish(cfg, net, ema, opt, val, prompts, extra, state, stopped, train_s, steps_here, device):
-    """The end of a run on rank 0: the final evaluation, recorded in the log and the model card, and the upload."""
+    """The end of a run on rank 0: the final evaluation, in the log and the model card; the upload."""
     step = state["step"]
     if stopped:
         print(f"stopped by signal at step {step}; checkpoint written, resume with --resume=auto", flush=True)

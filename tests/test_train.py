@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import train
 from conftest import BUILTIN16, PIXELS, ROOT, run, tiny_denoiser
 from diffusion import Denoiser
-from model import build_model, get_config, parse_overrides
+from model import build_model, get_config
 from sample import generate
 
 
@@ -37,7 +37,7 @@ def test_bad_overrides_name_the_key(argv, message):
 
 def test_model_args_override_preset_fields():
     cfg = train.load_config(["--model=MicroDiT_S", "--model_args=mixer_depth=0, mlp_ratio=2.5:2.5,bias=true"])
-    over = parse_overrides(cfg.model_args, get_config(cfg.model))
+    over = train.model_overrides(cfg.model_args, get_config(cfg.model))
     assert over == {"mixer_depth": 0, "mlp_ratio": (2.5, 2.5), "bias": True}
     assert type(over["mixer_depth"]) is int and type(over["mlp_ratio"][0]) is float
     with pytest.raises(ValueError, match="'depht=3' is not FIELD=VALUE"):
