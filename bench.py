@@ -10,18 +10,24 @@ Every ratio is measured side by side in one run: the timed calls of the things c
 """
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
+from tqdm import tqdm
 
 import data
-from diffusion import Denoiser, edm_loss, sample_sigma
+from checkpoint import save_pretrained
+from diffusion import Denoiser, drop_captions, edm_loss, training_noise
+from encoders import PIXELS, load_encoders
 from fid import InceptionV3
 from model import MicroDiTConfig, build_model, flops_per_image, param_count
-from sample import edm_sampler
-from train import measure_peak_flops
+from parallel import measure_peak_flops
+from sample import edm_sampler, sample_to_folder
+from shapes import heldout_captions
 
 # A CPU-sized MicroDiT whose backbone dominates, as MicroDiT_XL_2 does: patch 2 on 32x32 latents (256 tokens,
 # as at 256px), a thin one-block mixer, 8 backbone blocks with the released layer-wise scaling and MoE.
@@ -71,15 +77,16 @@ def bench_model(seed=0):
     return net, x, y
 
 
-def train_step(net, x, y, mask_ratio, bf16=False):
-    """One training step as train.py takes it: EDM loss (bf16 autocast or not), backward, AdamW."""
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
+def train_step(net, x, y, mask_ratio, bf16=False, opt=None):
+    """One training step as train.py takes it: sigma, noise and caption dropout drawn for the batch, EDM loss
+    (bf16 autocast or not), backward, fused AdamW (`opt`, or a new one)."""
+    opt = opt or torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
     D = Denoiser(net)
 
     def step():
-        sigma, noise = sample_sigma(len(x), -0.6, 1.2), torch.randn_like(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = edm_loss(D, x, y, sigma, noise, mask_ratio)
+        sigma, noise, keep = training_noise(len(x), x.shape[1:], -0.6, 1.2, 0.1, x.device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = edm_loss(D, x, drop_captions(y, keep), sigma, noise, mask_ratio)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -112,7 +119,7 @@ def steps():
 
 def peaks():
     """Measured matmul FLOP/s of this machine in fp32 and bf16
-    (train.measure_peak_flops: MFU's denominator)."""
+    (parallel.measure_peak_flops: MFU's denominator)."""
     if not _peaks:
         _peaks.update({dt: measure_peak_flops(torch.device("cpu"), dt)
                        for dt in (torch.float32, torch.bfloat16)})
@@ -214,6 +221,61 @@ def bench_fid():
             f"cpu, batch {batch}, 299x299 float32, {torch.get_num_threads()} threads")
 
 
+# sample.py's streaming path on a CPU-sized preset: the built-in text encoder of the shapes data, pixels
+SAMPLING = {"text_encoder": {"type": "builtin", "dim": 64, "max_len": 24, "context": 0.7}, "latents": PIXELS}
+
+
+def peak_rss_mb(argv, threads):
+    """Peak resident memory (MB) of a fresh `python sample.py argv...`, read from the kernel's rusage of that
+    one child (ru_maxrss, KB on Linux): the process is measured whole, torch's own allocations included."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.py")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a full pipe would block the child
+        p = subprocess.Popen([sys.executable, script, *argv], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage; Popen.wait would not give it
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode:
+            err.seek(0)
+            raise RuntimeError(f"sample.py {' '.join(argv)} failed: {err.read().decode()[-500:]}")
+    return usage.ru_maxrss / 1024
+
+
+def bench_sampling(n_mem=32):
+    """Images/s of sample.py's streaming path (each batch's PNGs written as soon as it is done) at batch 1, 8
+    and 32: MicroDiT_S, random weights, 18 Heun steps, guidance 4; and the peak memory of a fresh sample.py
+    (1 step, batch 32) for n_mem vs 10 n_mem prompts (target: < 1.2x, as the images are not kept). The
+    prompts are the built-in dataset's held-out captions (its text encoder caches a vector per word)."""
+    torch.manual_seed(0)
+    D = Denoiser(build_model("MicroDiT_S").eval())
+    encoders, prompts = load_encoders(SAMPLING), heldout_captions(10 * n_mem)
+    with tempfile.TemporaryDirectory() as root:
+        def writer(b, n, steps=18):  # n images a call, each PNG written atomically as in a real run
+            out = f"{root}/b{b}"
+            os.makedirs(out, exist_ok=True)
+            args = SimpleNamespace(batch_size=b, seed=0, steps=steps, guidance=4.0, bf16=False, out=out)
+            return lambda: sample_to_folder(D, SAMPLING, encoders, prompts, list(range(n)), args, (0, 1), {},
+                                            tqdm(disable=True))
+        writer(1, 1, steps=2)()  # warm-up
+        sizes = {1: 2, 8: 8, 32: 32}  # batch size: images per timed call
+        times = compare([writer(b, n) for b, n in sizes.items()], warmup=0, iters=2)
+        speed = {b: n / t for (b, n), t in zip(sizes.items(), times)}
+        os.makedirs(f"{root}/ckpt")
+        save_pretrained(f"{root}/ckpt", D.net, extra=SAMPLING)
+        rss = {}
+        for n in (n_mem, 10 * n_mem):
+            with open(f"{root}/p{n}.txt", "w") as f:
+                f.write("".join(p + "\n" for p in prompts[:n]))
+            argv = ["--ckpt", f"{root}/ckpt", "--prompts-file", f"{root}/p{n}.txt", "--out", f"{root}/out{n}",
+                    "--steps", "1", "--batch-size", "32"]
+            rss[n] = peak_rss_mb(argv, torch.get_num_threads())
+    ratio = rss[10 * n_mem] / rss[n_mem]
+    return (f"sampling: {' / '.join(f'{speed[b]:.2f}' for b in speed)} images/s at batch 1 / 8 / 32 "
+            f"(MicroDiT_S, 18 Heun steps, guidance 4, PNGs written per batch, {torch.get_num_threads()} "
+            f"threads); peak RSS of a fresh sample.py {rss[n_mem]:.0f} MB for {n_mem} prompts vs "
+            f"{rss[10 * n_mem]:.0f} MB for {10 * n_mem}: {ratio:.3f}x [target < 1.2: "
+            f"{'met' if ratio < 1.2 else 'MISSED'}]")
+
+
 def cpu_has(*flags):
     try:
         words = open("/proc/cpuinfo").read().split()
@@ -223,7 +285,7 @@ def cpu_has(*flags):
 
 
 BENCHMARKS = {"masking": bench_masking, "compile": bench_compile, "bf16": bench_bf16, "mfu": bench_mfu,
-              "data": bench_data, "sampler": bench_sampler, "fid": bench_fid}
+              "data": bench_data, "sampler": bench_sampler, "fid": bench_fid, "sampling": bench_sampling}
 
 
 def main(argv):

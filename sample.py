@@ -3,21 +3,38 @@ Sample images from a checkpoint: the deterministic EDM sampler (Karras et al. 20
 Heun's 2nd-order method on the Karras schedule) with classifier-free guidance.
 
     python sample.py --ckpt out/default --prompt "a red circle on the left" --n 8
-    python sample.py --ckpt out/default --prompts-file captions.txt --out out/samples
+    torchrun --nproc_per_node=8 sample.py --ckpt CKPT --prompts-file out/coco30k.txt --out out/coco30k
 
-Each image has its own seed (seed + its index), so an image does not change with the batch size.
+The output folder holds one job, and only its images besides two text files, so fid.py can read it as is:
+    000000.png ...   image i: caption i of prompts.txt, seed --seed + i; written as soon as its batch is done
+    prompts.txt      the caption of image i on line i
+    sample.json      the job: ckpt, seed, steps, guidance, n, ema, bf16, count, and the command as run
+and beside it OUT_grid.png (the first 64 images) once a job of at most 256 images is complete. A rerun of
+the same command samples only the missing images; a folder of another job is refused (--overwrite deletes
+its files first). Batches are fixed runs of --batch-size images, so the folder comes out byte-identical for
+any torchrun --nproc_per_node and any interruptions (another --batch-size can move a rare pixel by one level:
+float rounding). SIGTERM or Ctrl-C stop after the current batch, with exit code 128 + the signal (143, 130).
 """
 import argparse
 import math
 import os
+import re
+import shlex
+import signal
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import load_pretrained, resolve_checkpoint
+from checkpoint import atomic_write, load_pretrained, read_json, remove, resolve_checkpoint, write_json
 from encoders import PIXELS, latents_to_images, load_encoders
+from parallel import check_device, setup_distributed
+
+NUMBERED = re.compile(r"\d{6,}\.png")  # the images of a job: 000000.png, ..., 1000000.png
+# a job's files, and what a kill -9 amid an atomic write leaves of them
+JOB_FILE = re.compile(r"(\d{6,}\.png|sample\.json|prompts\.txt)(\.tmp)?")
 
 
 @torch.no_grad()
@@ -66,77 +83,257 @@ def image_grid(images, cols=None):
     return Image.fromarray(grid)
 
 
-def generate(D, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, progress=True, encoders=None):
-    """Images (uint8 arrays) for a list of prompts, the i-th with seed + i, from the denoiser D. encoders:
-    (text encoder, VAE) from encoders.load_encoders, to load them once for many calls."""
+def sample_batch(D, config, encoders, prompts, seeds, steps, guidance, bf16=False):
+    """uint8 (H, W, 3) images of one batch, caption prompts[j] with seed seeds[j]: the per-batch code of
+    generate() and of the folder writer. bf16: autocast of the network only (the ODE state stays float64)."""
+    (encode, vae), device = encoders, next(D.parameters()).device
+    y = encode(prompts).to(device)  # (B, L, Dy)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        x = edm_sampler(D, y, seeds, steps, guidance)
+    return latents_to_images(x, config.get("latents", PIXELS), vae)
+
+
+def generate(D, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, progress=True, encoders=None,
+             bf16=False):
+    """Images (uint8 arrays) for a list of prompts, the i-th with seed + i, from the denoiser D, in memory.
+    encoders: (text encoder, VAE) from encoders.load_encoders, to load them once for many calls."""
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"prompt {i} is empty")
-    device = next(D.parameters()).device
-    encode, vae = encoders or load_encoders(config, device)
+    encoders = encoders or load_encoders(config, next(D.parameters()).device)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
-        chunk = prompts[start:start + batch_size]
-        y = encode(chunk).to(device)
-        x = edm_sampler(D, y, range(seed + start, seed + start + len(chunk)), steps, guidance)
-        images += latents_to_images(x, config.get("latents", PIXELS), vae)
+        seeds = range(seed + start, seed + min(start + batch_size, len(prompts)))
+        images += sample_batch(D, config, encoders, prompts[start:seeds.stop - seed], seeds, steps, guidance,
+                               bf16)
     return images
 
+# -----------------------------------------------------------------------------
+# The output folder: one job, resumable
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", default="out/default",
-                    help="a checkpoint folder, a training output folder (its newest checkpoint), a Hub "
-                    "repo id user/name, or a released .pt (local or user/name/path/file.pt)")
-    ap.add_argument("--official-preset", default="MicroDiT_XL_2",
-                    help="the preset a released .pt file is built as")
+
+def numbered(out):
+    """{index: file name} of the images in folder `out`."""
+    return {int(f[:-4]): f for f in (os.listdir(out) if os.path.isdir(out) else []) if NUMBERED.fullmatch(f)}
+
+
+def read_lines(path):
+    """The lines of a text file, or None if there is none."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+
+
+def job_difference(out, job, prompts, have):
+    """What makes the files in `out` another job than this one; '' for the same job or none."""
+    lines, manifest = read_lines(f"{out}/prompts.txt"), f"{out}/sample.json"
+    if not os.path.exists(manifest):  # prompts.txt alone: a crash between the two writes of this job
+        found = [f"{len(have)} numbered PNGs"] * bool(have) + ["prompts.txt"] * (lines not in (None, prompts))
+        return " and ".join(found) + " but no sample.json" if found else ""
+    try:
+        old = read_json(manifest)
+        diff = [f"{k} {old.get(k)!r} vs {v!r}" for k, v in job.items() if k != "command" and old.get(k) != v]
+    except (ValueError, AttributeError):
+        return f"{manifest} is not a job of sample.py"
+    if not diff and lines != prompts:
+        k = next((k for k, (a, b) in enumerate(zip(lines or [], prompts)) if a != b), len(lines or []))
+        diff = [f"prompts.txt line {k + 1}: {(lines or [])[k:k + 1]} vs {prompts[k:k + 1]}"]
+    if not diff and (beyond := sorted(i for i in have if i >= job["count"])):
+        diff = [f"{len(beyond)} images beyond its count, e.g. {have[beyond[0]]}"]
+    return "; ".join(diff) + " (the folder's vs this run's)" * bool(diff)
+
+
+def prepare_folder(out, job, prompts, overwrite=False):
+    """Make `out` the folder of this job: check the job in it (or with overwrite delete another job's files),
+    write prompts.txt and sample.json; returns the indices of the images still to sample."""
+    os.makedirs(out, exist_ok=True)
+    have, grid = numbered(out), f"{out}_grid.png"
+    if differs := job_difference(out, job, prompts, have):
+        if not overwrite:
+            raise ValueError(f"{out}/ holds another job: {differs}; pass --overwrite to delete its "
+                             f"{len(have)} images, sample.json, prompts.txt and {grid}; or another --out")
+        for f in filter(JOB_FILE.fullmatch, os.listdir(out)):
+            remove(f"{out}/{f}")
+        remove(grid)
+        have = {}
+    if not os.path.exists(f"{out}/sample.json"):  # prompts first: sample.json marks a whole job
+        with atomic_write(f"{out}/prompts.txt") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(p + "\n" for p in prompts))
+        write_json(f"{out}/sample.json", job)
+    return [i for i in range(job["count"]) if i not in have]
+
+
+def sample_to_folder(D, config, encoders, prompts, todo, args, world, stop, bar):
+    """Write the images `todo`, each PNG (atomically) as soon as its batch is done. A batch is a fixed run of
+    --batch-size indices, sampled whole even if some of its images are on disk: an image's batch, and so its
+    float rounding, depends neither on the number of ranks nor on interruptions. The ranks take turns over the
+    batches and all-reduce once per batch (images written, signals seen), so they stop together; returns
+    (images written by all ranks, the signal that stopped them or 0)."""
+    (rank, size), bs, missing, last, total = world, args.batch_size, set(todo), 0, 0
+    starts = sorted({i - i % bs for i in todo})  # the batches with images to write
+    rounds, starts = math.ceil(len(starts) / size), starts[rank::size]  # the same number on every rank
+    for r in range(rounds + 1):
+        seen, device = stop.get("signal"), next(D.parameters()).device
+        counts = torch.tensor([last, seen == signal.SIGTERM, seen == signal.SIGINT], device=device)
+        if size > 1:
+            torch.distributed.all_reduce(counts)
+        total += int(counts[0])
+        bar.update(int(counts[0]))
+        if counts[1] or counts[2] or r == rounds:
+            return total, signal.SIGINT if counts[2] else signal.SIGTERM if counts[1] else 0
+        ids = range(starts[r], min(starts[r] + bs, len(prompts))) if r < len(starts) else range(0)
+        images = sample_batch(D, config, encoders, [prompts[i] for i in ids], [args.seed + i for i in ids],
+                              args.steps, args.guidance, args.bf16) if ids else []
+        new = [(i, image) for i, image in zip(ids, images) if i in missing]
+        for i, image in new:
+            with atomic_write(f"{args.out}/{i:06d}.png") as tmp:  # a crash never leaves half a PNG
+                Image.fromarray(image).save(tmp, format="PNG")  # the name ends in .tmp: say the format
+        last = len(new)
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the docstring as written, and every flag with its default."""
+
+
+def fail(message, code=2):
+    """A one-line error a user can act on (printed once, by rank 0 under torchrun), then exit."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"sample.py: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--ckpt", default="out/default", help="a checkpoint folder, a training output folder "
+                    "(its newest checkpoint), a Hub repo id user/name, a released .pt (or user/name/x/y.pt)")
+    ap.add_argument("--official-preset", default="MicroDiT_XL_2", help="the preset of a released .pt")
     ap.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
-    ap.add_argument("--prompts-file", help="a text file with one caption per line")
+    ap.add_argument("--prompts-file", help="a text file, one caption per line (after the --prompt ones)")
     ap.add_argument("--n", type=int, default=1, help="images per prompt")
     ap.add_argument("--steps", type=int, default=30, help="Heun steps (2 network calls each, 1 for the last)")
     ap.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
     ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--out", default="out/samples", help="folder for the PNGs and grid.png")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
+    ap.add_argument("--out", default="out/samples", help="the job's folder; the grid goes beside it")
+    ap.add_argument("--overwrite", action="store_true", help="delete the files of another job in --out first")
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights exist")
-    ap.add_argument("--text-encoder",
-                    help="repo id or folder of the text encoder, instead of the checkpoint's")
-    ap.add_argument("--vae", help="repo id or folder of the VAE, instead of the checkpoint's")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--text-encoder", help="repo id or folder of the text encoder, not the checkpoint's")
+    ap.add_argument("--vae", help="repo id or folder of the VAE, not the checkpoint's")
+    ap.add_argument("--device", default="auto", help="auto: cuda if there is one, else cpu; under torchrun, "
+                    "CUDA ranks use cuda:LOCAL_RANK")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default="auto",
+                    help="bf16 autocast of the network; auto: on CUDA, off on CPU")
     args = ap.parse_args(argv)
+    for flag, low in (("n", 1), ("steps", 1), ("batch_size", 1), ("guidance", 0)):
+        if getattr(args, flag) < low:
+            fail(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        fail(str(e))
+    args.out = os.path.normpath(args.out)
+    return args
 
+
+def read_prompts(args):
+    """The captions of --prompt then --prompts-file; each must be one non-empty line."""
+    prompts, path = [(p, f"--prompt number {k + 1}") for k, p in enumerate(args.prompt)], args.prompts_file
+    if path:
+        try:
+            lines = read_lines(path)
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--prompts-file {path}: cannot be read as UTF-8 text ({type(e).__name__})")
+        prompts += [(p.strip(), f"--prompts-file {path}: line {k + 1}") for k, p in enumerate(lines or [])]
+        if lines is None:
+            fail(f"--prompts-file {path}: no such file")
+    for p, where in prompts:
+        if not p.strip() or len(p.splitlines()) > 1:  # prompts.txt holds one caption per line
+            fail(f"{where} is empty" if not p.strip() else f"{where} holds a line break")
+    return [p for p, _ in prompts]
+
+
+def main(argv=None):
+    """Sample the job of the command line into --out; returns the exit code (0, or 128 + a signal)."""
+    script, argv = (sys.argv[0], sys.argv[1:]) if argv is None else ("sample.py", list(argv))
+    args = parse_args(argv)
+    prompts = read_prompts(args)
     try:
         ckpt = resolve_checkpoint(args.ckpt)
     except FileNotFoundError as e:
-        ap.error(f"{e}; train one with `python train.py`, or give a Hub repo id")
-    D, config = load_pretrained(ckpt, ema=not args.no_ema, device=args.device,
-                                official_preset=args.official_preset)
+        fail(f"{e}; train one with `python train.py`, or give a Hub repo id")
+    if os.path.isfile(ckpt) and ckpt.endswith(".safetensors"):
+        fail(f"--ckpt {args.ckpt} is a weights file: pass its checkpoint folder "
+             f"{os.path.dirname(args.ckpt) or '.'} (the one with config.json)")
+    _, rank, size, device = setup_distributed(args.device)
+    stop, handlers = {}, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum, frame):  # stop after the current batch: what is on disk is whole, a rerun resumes
+        stop.setdefault("signal", signum)
+        signal.signal(signum, handlers[signum])  # a second Ctrl-C interrupts at once
+    for s in handlers:
+        signal.signal(s, on_signal)
+    try:
+        return run_job(args, ckpt, prompts, (rank, size), device, stop, shlex.join(["python", script, *argv]))
+    except (ValueError, FileNotFoundError, OSError) as e:  # load_pretrained and the writes name the file
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run_job(args, ckpt, prompts, world, device, stop, command):
+    """Load, check the folder (rank 0), sample the missing images on every rank, then grid and report."""
+    D, config = load_pretrained(ckpt, not args.no_ema, device, official_preset=args.official_preset)
     for key, repo in (("text_encoder", args.text_encoder), ("latents", args.vae)):
         if repo:  # e.g. a local copy of the encoders on a machine without network
             config[key] = {**config[key], "repo": os.path.abspath(repo) if os.path.isdir(repo) else repo}
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        with open(args.prompts_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
     if not prompts:  # default: the held-out captions the checkpoint was evaluated on
-        prompts = config.get("eval_prompts", [])[:16]
-        if not prompts:
-            ap.error("give --prompt or --prompts-file")
+        prompts = config.get("eval_prompts", [])[:16] or fail("give --prompt or --prompts-file")
     prompts = [p for p in prompts for _ in range(args.n)]
-    try:
-        images = generate(D, config, prompts, args.seed, args.steps, args.guidance, args.batch_size)
-    except ValueError as e:  # an empty prompt, a caption the text encoder cannot read
-        ap.error(str(e))
-    os.makedirs(args.out, exist_ok=True)
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(os.path.join(args.out, f"{i:06d}.png"))
-    with open(os.path.join(args.out, "prompts.txt"), "w") as f:
-        f.write("\n".join(prompts) + "\n")
-    if len(images) <= 256:  # a grid to look at; not for large runs, whose folder fid.py reads as samples
-        image_grid(images).save(os.path.join(args.out, "grid.png"))
-    print(f"{len(images)} images from {ckpt} -> {args.out}/ (000000.png ..., prompts.txt"
-          f"{', grid.png' if len(images) <= 256 else ''})")
+    args.bf16 = device.type == "cuda" if args.bf16 == "auto" else args.bf16
+    job = {"ckpt": os.path.abspath(ckpt), "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+           "n": args.n, "ema": not args.no_ema and os.path.isfile(os.path.join(ckpt, "ema.safetensors")),
+           "bf16": args.bf16, "count": len(prompts), "command": command}
+    todo = [None]
+    if world[0] == 0:  # rank 0 alone owns the job's files; a refusal travels to every rank as a message
+        try:
+            todo = [prepare_folder(args.out, job, prompts, args.overwrite)]
+        except (ValueError, OSError) as e:
+            todo = [str(e)]
+    if world[1] > 1:
+        torch.distributed.broadcast_object_list(todo, src=0)  # no rank writes before the folder is ready
+    if isinstance(todo[0], str):
+        fail(todo[0])
+    encoders = load_encoders(config, device) if todo[0] else None
+    with tqdm(total=len(prompts), initial=len(prompts) - len(todo[0]), desc="sampling", unit="img",
+              disable=world[0] != 0) as bar:  # closed before any error is printed
+        written, signum = sample_to_folder(D, config, encoders, prompts, todo[0], args, world, stop, bar)
+    if world[1] > 1:
+        torch.distributed.barrier()  # every rank's last images are on disk
+    if world[0] == 0:
+        report(args.out, ckpt, len(prompts), written, signum)
+    return 128 + signum if signum else 0
+
+
+def report(out, ckpt, count, written, signum):
+    """The final line, and the grid beside the folder of a complete job of at most 256 images."""
+    have, grid = numbered(out), f"{out}_grid.png"
+    if signum:
+        return print(f"stopped by {signal.Signals(signum).name}: {len(have)} of {count} images on disk in "
+                     f"{out}/ ({written} written this run); the same command resumes", file=sys.stderr)
+    if small := len(have) == count <= 256:  # inside the folder, fid.py would count the grid as a sample
+        images = [np.asarray(Image.open(f"{out}/{have[i]}").convert("RGB")) for i in range(min(64, count))]
+        with atomic_write(grid) as tmp:
+            image_grid(images).save(tmp, format="PNG")
+    print(f"{count} images from {ckpt} -> {out}/ (000000.png ... {count - 1:06d}.png, prompts.txt, "
+          f"sample.json; {written} written this run, {count - written} were on disk)"
+          + f"; grid beside it: {grid}" * small)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
