@@ -1,9 +1,10 @@
 """
 The frozen encoders, written by hand in plain PyTorch and loaded from the Hugging Face Hub or a local folder:
-the CLIP BPE tokenizer, the CLIP text tower (open_clip or transformers layout) and the SDXL VAE (diffusers'
-AutoencoderKL layout), with parity to the reference libraries tested in tests/test_encoders.py. Encoder specs
-name them as plain data: every dataset's index.json and every checkpoint's config.json carries a
-"text_encoder" and a "latents" spec, and sample.py rebuilds the encoders from them.
+the CLIP BPE tokenizer, the CLIP text tower (open_clip or transformers layout), CLIP's image tower for the
+CLIP score, and the SDXL VAE (diffusers' AutoencoderKL layout), with parity to the reference libraries tested
+in tests/test_encoders.py and tests/test_clip.py. Encoder specs name them as plain data: every dataset's
+index.json and every checkpoint's config.json carries a "text_encoder" and a "latents" spec, and sample.py
+rebuilds the encoders from them.
 """
 import functools
 import gzip
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from checkpoint import (RELEASED_TEXT_ENCODER, RELEASED_VAES, find_file, hub_file, load_state_dict, read_json,
                         read_weights)
@@ -183,11 +185,11 @@ class QuickGELU(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with open_clip's fused in_proj (q, k, v stacked along dim 0)."""
+    """Multi-head self-attention, open_clip's fused in_proj (q, k, v stacked); causal=False for images."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, causal=True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
@@ -196,17 +198,17 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, T, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, T, head_dim) each
-        # token t sees tokens <= t, as CLIP was trained
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # text: token t sees tokens <= t, as CLIP was trained; image patches all see each other
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(x.transpose(1, 2).reshape(B, T, D))
 
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width, heads, mlp_width, act, eps):
+    def __init__(self, width, heads, mlp_width, act, eps, causal=True):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(width, eps=eps), CausalSelfAttention(width, heads)
+        self.ln_1, self.attn = nn.LayerNorm(width, eps=eps), CausalSelfAttention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, mlp_width),
                                              gelu=QuickGELU() if act == "quick_gelu" else nn.GELU(),
@@ -285,13 +287,14 @@ def hf_to_open_clip(sd):
     return out
 
 
-def load_text_encoder(repo_or_path=DFN5B_CLIP, subfolder=None, device="cpu", dtype=torch.float32):
-    """A frozen CLIP text tower + tokenizer from an open_clip or HF CLIPTextModel folder (format detected)."""
-    cfg_path, cfg_name, folder = find_file(repo_or_path, ["open_clip_config.json", "config.json"],
-                                           [subfolder])
-    cfg = read_json(cfg_path)
+_WEIGHT_FILES = {"open_clip": ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"],
+                 "hf": ["model.safetensors", "pytorch_model.bin"]}
+
+
+def clip_text_arch(cfg, cfg_name, cfg_path):
+    """(family, CLIPTextTransformer kwargs) of an open_clip_config.json or an HF CLIP(Text)Model config."""
     if cfg_name == "open_clip_config.json":  # open_clip: DFN5B, LAION ViT-H/14
-        family, model_cfg = "open_clip", cfg.get("model_cfg", cfg)
+        model_cfg = cfg.get("model_cfg", cfg)
         t = model_cfg.get("text_cfg", {})
         odd = [k for k in ("hf_model_name", "ls_init_value", "no_causal_mask", "embed_cls", "act_kwargs")
                if t.get(k)]
@@ -299,24 +302,30 @@ def load_text_encoder(repo_or_path=DFN5B_CLIP, subfolder=None, device="cpu", dty
             raise ValueError(f"{cfg_path}: text_cfg options {odd} are not supported "
                              "(only the built-in text tower)")
         width = t.get("width", 512)
-        arch = dict(vocab_size=t.get("vocab_size", 49408), context_length=t.get("context_length", 77),
-                    width=width, heads=t.get("heads", 8), layers=t.get("layers", 12),
-                    mlp_width=int(width * t.get("mlp_ratio", 4.0)),
-                    act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", eps=1e-5)
-        weight_names, convert = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"], lambda sd: sd
-    else:  # HF: CLIPTextModel(WithProjection) config, or a full CLIPModel config with the text tower nested
-        family, t = "hf", cfg.get("text_config", cfg)
-        if cfg.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
-            raise ValueError(f"{cfg_path}: model_type {cfg.get('model_type')!r} is not a CLIP text model")
-        arch = dict(vocab_size=t.get("vocab_size", 49408),
-                    context_length=t.get("max_position_embeddings", 77), width=t.get("hidden_size", 512),
-                    heads=t.get("num_attention_heads", 8), layers=t.get("num_hidden_layers", 12),
-                    mlp_width=t.get("intermediate_size", 2048), act=t.get("hidden_act", "quick_gelu"),
-                    eps=t.get("layer_norm_eps", 1e-5))
-        weight_names, convert = ["model.safetensors", "pytorch_model.bin"], hf_to_open_clip
-    weights, _, _ = find_file(repo_or_path, weight_names, [folder])
+        return "open_clip", dict(vocab_size=t.get("vocab_size", 49408), width=width,
+                                 context_length=t.get("context_length", 77), heads=t.get("heads", 8),
+                                 layers=t.get("layers", 12), mlp_width=int(width * t.get("mlp_ratio", 4.0)),
+                                 act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", eps=1e-5)
+    # HF: CLIPTextModel(WithProjection) config, or a full CLIPModel config with the text tower nested
+    t = cfg.get("text_config", cfg)
+    if cfg.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
+        raise ValueError(f"{cfg_path}: model_type {cfg.get('model_type')!r} is not a CLIP text model")
+    return "hf", dict(vocab_size=t.get("vocab_size", 49408),
+                      context_length=t.get("max_position_embeddings", 77), width=t.get("hidden_size", 512),
+                      heads=t.get("num_attention_heads", 8), layers=t.get("num_hidden_layers", 12),
+                      mlp_width=t.get("intermediate_size", 2048), act=t.get("hidden_act", "quick_gelu"),
+                      eps=t.get("layer_norm_eps", 1e-5))
+
+
+def load_text_encoder(repo_or_path=DFN5B_CLIP, subfolder=None, device="cpu", dtype=torch.float32):
+    """A frozen CLIP text tower + tokenizer from an open_clip or HF CLIPTextModel folder (format detected)."""
+    cfg_path, cfg_name, folder = find_file(repo_or_path, ["open_clip_config.json", "config.json"],
+                                           [subfolder])
+    family, arch = clip_text_arch(read_json(cfg_path), cfg_name, cfg_path)
+    weights, _, _ = find_file(repo_or_path, _WEIGHT_FILES[family], [folder])
     with torch.device("meta"):
         model = CLIPTextTransformer(**arch)
+    convert = hf_to_open_clip if family == "hf" else (lambda sd: sd)
     # open_clip models with custom_text=true keep the text tower under "text."
     sd = {k.removeprefix("text."): v for k, v in convert(read_weights(weights, skip=_UNUSED)).items()}
     load_state_dict(model, {k: v for k, v in sd.items() if not k.startswith(_UNUSED)}, cfg_path, assign=True)
@@ -345,6 +354,176 @@ def load_tokenizer(repo_or_path, subfolder=None, family="open_clip", max_len=77)
         pad = pad["content"] if isinstance(pad, dict) else pad
     merges, _, _ = find_file(repo_or_path, ["merges.txt"], [folder])
     return CLIPTokenizer.from_hf_files(path, merges, pad, max_len)
+
+# -----------------------------------------------------------------------------
+# CLIP's image tower and joint image-text space, for the CLIP score (SPEC E), in open_clip's key layout like
+# the text tower; HF CLIPModel checkpoints are renamed to it on load
+
+OPENAI_CLIP_L = "openai/clip-vit-large-patch14"  # torchmetrics' default CLIPScore model (HF CLIPModel layout)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, CLIPImageProcessor's default
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class CLIPVisionTransformer(nn.Module):
+    """Normalised images (B, 3, S, S) -> the projected class token (B, embed_dim): CLIP's ViT."""
+
+    def __init__(self, image_size=224, patch_size=14, width=1024, heads=16, layers=24, mlp_width=4096,
+                 act="quick_gelu", eps=1e-5, embed_dim=768):
+        super().__init__()
+        if act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"unsupported CLIP image activation {act!r} (expected 'gelu' or 'quick_gelu')")
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)  # HF: patch_embedding
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width, eps=eps)  # HF: pre_layrnorm (sic)
+        block = lambda: ResidualAttentionBlock(width, heads, mlp_width, act, eps, causal=False)  # no mask
+        self.transformer = nn.ModuleDict({"resblocks": nn.ModuleList([block() for _ in range(layers)])})
+        self.ln_post = nn.LayerNorm(width, eps=eps)  # HF: post_layernorm
+        self.proj = nn.Parameter(torch.empty(width, embed_dim))  # x @ proj: HF's visual_projection.weight.T
+
+    def forward(self, x):  # x (B, 3, S, S)
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, width): N = (S / patch)^2 patches
+        x = torch.cat([self.class_embedding.expand(len(x), 1, -1), x], 1) + self.positional_embedding
+        x = self.ln_pre(x)  # (B, 1 + N, width)
+        for block in self.transformer["resblocks"]:
+            x = block(x)
+        return self.ln_post(x[:, 0]) @ self.proj  # the class token: (B, embed_dim)
+
+
+class CLIP(nn.Module):
+    """Images and captions -> their embeddings in CLIP's joint space (B, embed_dim), not L2-normalised."""
+
+    def __init__(self, vision, text, embed_dim):
+        super().__init__()
+        self.visual = CLIPVisionTransformer(**vision, embed_dim=embed_dim)
+        self.text = CLIPTextTransformer(**text)
+        self.text_projection = nn.Parameter(torch.empty(text["width"], embed_dim))  # x @ text_projection
+        self.logit_scale = nn.Parameter(torch.empty(()))  # the contrastive temperature: loaded, never used
+        # Set by load_clip: the tokenizer; where a caption's feature is taken (eos_id None: at the largest id,
+        # as OpenAI, open_clip and HF with the legacy eos_token_id 2; else at the first eos_id, as HF); the
+        # image preprocessing (clip_preprocess's keyword arguments).
+        self.tokenizer, self.eos_id, self.image_cfg = None, None, {}
+
+    def encode_image(self, pixels):  # (B, 3, S, S) from clip_preprocess -> (B, embed_dim)
+        return self.visual(pixels.to(self.visual.proj.dtype))
+
+    def encode_text(self, captions):  # B captions -> (B, embed_dim)
+        tokens = self.tokenizer(captions).to(self.text_projection.device)  # (B, 77), end token kept if cut
+        x = self.text(tokens)  # (B, 77, width)
+        end = tokens.argmax(-1) if self.eos_id is None else (tokens == self.eos_id).int().argmax(-1)
+        return x[torch.arange(len(x)), end] @ self.text_projection  # the end-of-text token's feature
+
+
+def clip_preprocess(img, size=224, crop=224, mean=CLIP_MEAN, std=CLIP_STD, resample=3, squash=False):
+    """PIL image -> (3, crop, crop) float32 tensor as CLIPImageProcessor: RGB, short side to `size` (PIL
+    `resample`, 3: bicubic, on uint8), centre crop, [0, 1], (x - mean) / std. squash: to crop x crop."""
+    if "A" in img.getbands() or "transparency" in img.info:  # onto white, as HF's convert_to_rgb
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), img.convert("RGBA"))
+    img = img.convert("RGB")
+    w, h = img.size
+    if squash:  # open_clip's resize_mode "squash"
+        img = img.resize((crop, crop), resample)
+    else:  # the long side truncated, as HF and torchvision.Resize: int(size * long / short)
+        img = img.resize((size, int(size * h / w)) if w <= h else (int(size * w / h), size), resample)
+    # HF's offsets, floor((H - crop) / 2); open_clip's torchvision CenterCrop rounds, one pixel over at times
+    top, left = (img.height - crop) // 2, (img.width - crop) // 2
+    x = np.asarray(img.crop((left, top, left + crop, top + crop)), np.float32) / np.float32(255)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # (crop, crop, 3)
+    return torch.from_numpy(x).permute(2, 0, 1)
+
+
+_HF_VISION = [("embeddings.class_embedding", "class_embedding"), ("embeddings.patch_embedding.", "conv1."),
+              ("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")]
+_HF_PROJECTIONS = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text_projection"}
+
+
+def hf_clip_to_clip(sd):
+    """Rename an HF CLIPModel state dict to the CLIP module's layout (open_clip's names, text in "text.")."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # buffers older checkpoints saved
+    tower = lambda pre: hf_to_open_clip({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})
+    out = {"text." + k: v for k, v in tower("text_model.").items()}
+    for k, v in tower("vision_model.").items():  # the same blocks; the embeddings and the two norms renamed
+        for a, b in _HF_VISION:
+            k = k.replace(a, b)
+        out["visual." + k] = v
+    for k, v in sd.items():  # the projections, Linear (out, in) -> x @ W; logit_scale; strays, named later
+        if not k.startswith(("text_model.", "vision_model.")):
+            out[_HF_PROJECTIONS.get(k, k)] = v.T.contiguous() if k in _HF_PROJECTIONS else v
+    return out
+
+
+def open_clip_to_clip(sd):
+    """An open_clip CLIP state dict in the CLIP module's layout: the text tower's keys under "text."."""
+    out = {}
+    for k, v in sd.items():
+        if not k.endswith("attn_mask"):  # the causal mask, a buffer older checkpoints saved
+            k = k.removeprefix("text.")  # custom_text models (CustomTextCLIP) have it, projection included
+            out[k if k.startswith("visual.") or k in ("text_projection", "logit_scale") else "text." + k] = v
+    return out
+
+
+def _hf_clip_cfg(cfg, repo):
+    """(vision kwargs, embed_dim, eos_id, image_cfg) of an HF CLIPModel config + preprocessor_config.json."""
+    v = cfg["vision_config"]
+    vision = dict(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
+                  width=v.get("hidden_size", 768), heads=v.get("num_attention_heads", 12),
+                  layers=v.get("num_hidden_layers", 12), mlp_width=v.get("intermediate_size", 3072),
+                  act=v.get("hidden_act", "quick_gelu"), eps=v.get("layer_norm_eps", 1e-5))
+    eos = cfg.get("text_config", {}).get("eos_token_id", 49407)  # HF CLIPTextModel's pooling, copied
+    path = hub_file(repo, "preprocessor_config.json")
+    p = read_json(path) if path else {}
+    size, crop = p.get("size", vision["image_size"]), p.get("crop_size", vision["image_size"])
+    if isinstance(size, dict) and "shortest_edge" not in size:
+        raise ValueError(f"{path}: size {size} is not supported (only shortest_edge, as CLIP's)")
+    image_cfg = dict(size=size["shortest_edge"] if isinstance(size, dict) else size,
+                     crop=crop["height"] if isinstance(crop, dict) else crop, resample=p.get("resample", 3),
+                     mean=p.get("image_mean", CLIP_MEAN), std=p.get("image_std", CLIP_STD))
+    return vision, cfg.get("projection_dim", 512), None if eos == 2 else eos, image_cfg
+
+
+def _open_clip_cfg(cfg, cfg_path):
+    """(vision kwargs, embed_dim, eos_id, image_cfg) of an open_clip_config.json."""
+    model_cfg = cfg.get("model_cfg", cfg)
+    v, t, pre = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {}), cfg.get("preprocess_cfg", {})
+    odd = [k for k in ("timm_model_name", "ls_init_value", "attentional_pool", "no_ln_pre", "act_kwargs",
+                       "norm_kwargs", "qk_norm", "scaled_cosine_attn", "proj_bias") if v.get(k) or t.get(k)]
+    allowed = {"pool_type": (v.get("pool_type", "tok"), ("tok",)),  # value, supported values
+               "text pool_type": (t.get("pool_type", "argmax"), ("argmax",)),
+               "resize_mode": (pre.get("resize_mode", "shortest"), ("shortest", "squash")),
+               "interpolation": (pre.get("interpolation", "bicubic"), ("bicubic", "bilinear"))}
+    odd += [f"{k} {value!r}" for k, (value, ok) in allowed.items() if value not in ok]
+    layers, size = v.get("layers", 12), v.get("image_size", 224)
+    if odd or not isinstance(layers, int) or not isinstance(size, int):
+        raise ValueError(f"{cfg_path}: options {odd or [layers, size]} are not supported "
+                         "(only OpenAI CLIP's ViT: square images, class token, text pooled at the end token)")
+    width = v.get("width", 768)
+    vision = dict(image_size=size, patch_size=v.get("patch_size", 16), width=width, layers=layers,
+                  heads=width // v.get("head_width", 64), mlp_width=int(width * v.get("mlp_ratio", 4.0)),
+                  act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", eps=1e-5)
+    image_cfg = dict(size=size, crop=size, mean=pre.get("mean", CLIP_MEAN), std=pre.get("std", CLIP_STD),
+                     resample={"bicubic": 3, "bilinear": 2}[allowed["interpolation"][0]],
+                     squash=pre.get("resize_mode") == "squash")
+    return vision, model_cfg.get("embed_dim", 512), None, image_cfg
+
+
+def load_clip(repo_or_path=OPENAI_CLIP_L, device="cpu", dtype=torch.float32):
+    """A frozen CLIP (both towers, projections, tokenizer, preprocessing) from an HF CLIPModel or an open_clip
+    folder or Hub repo (format detected)."""
+    cfg_path, cfg_name, _ = find_file(repo_or_path, ["open_clip_config.json", "config.json"], [None])
+    cfg = read_json(cfg_path)
+    family, text = clip_text_arch(cfg, cfg_name, cfg_path)
+    if family == "hf" and "vision_config" not in cfg:
+        raise ValueError(f"{cfg_path}: no vision_config: a CLIP text model, not a CLIPModel with images")
+    vision, embed_dim, eos_id, image_cfg = (_hf_clip_cfg(cfg, repo_or_path) if family == "hf"
+                                            else _open_clip_cfg(cfg, cfg_path))
+    weights, _, _ = find_file(repo_or_path, _WEIGHT_FILES[family], [None])
+    with torch.device("meta"):
+        model = CLIP(vision, text, embed_dim)
+    convert = hf_clip_to_clip if family == "hf" else open_clip_to_clip
+    load_state_dict(model, convert(read_weights(weights)), weights, assign=True)
+    model.tokenizer = load_tokenizer(repo_or_path, None, family, text["context_length"])
+    model.eos_id, model.image_cfg, model.name = eos_id, image_cfg, repo_or_path
+    return frozen(model, device, dtype)
 
 # -----------------------------------------------------------------------------
 # VAE: diffusers AutoencoderKL (the LDM "KL-f8" autoencoder), same module tree so the state dict keys match

@@ -1,21 +1,28 @@
-"""Frechet Inception Distance from scratch: the FID InceptionV3, streaming feature statistics, the distance.
+"""Frechet Inception Distance from scratch: the FID InceptionV3, streaming feature statistics, the distance;
+and the CLIP score, the second number of the COCO protocol.
 
-Matches pytorch-fid (SPEC D): the same network and weights file, the same preprocessing by default.
+FID matches pytorch-fid (SPEC D; the same network and weights file) or, with --resize clean, clean-fid's clean
+mode; the CLIP score matches torchmetrics' CLIPScore (SPEC E).
     python fid.py samples/ ref_stats.npz                      # FID of a folder against saved statistics
     python fid.py real/ --save-stats real.npz                 # statistics of one folder
     python fid.py coco-captions captions_val2014.json --out coco30k.txt   # captions of the COCO protocol
+    python fid.py clip-score samples/                         # CLIP score of samples against their prompts
+    python fid.py protocol samples/ ref_stats.npz             # both, in samples_protocol.json
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
 import random
 import re
+import shlex
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import atomic_write, hub_file, load_state_dict, read_weights
+from checkpoint import atomic_write, hub_file, load_state_dict, read_json, read_weights, write_json
+from encoders import OPENAI_CLIP_L, clip_preprocess, load_clip
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch.hub naming: name-<sha256 prefix>.pth
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
@@ -179,7 +187,7 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-    """The FID InceptionV3: images (B, 3, H, W) in [0, 1] -> 2048-d pool3 features (B, 2048)."""
+    """The FID InceptionV3: images (B, 3, 299, 299) in [-1, 1] (load_image) -> pool3 features (B, 2048)."""
 
     def __init__(self):
         super().__init__()
@@ -213,10 +221,7 @@ class InceptionV3(nn.Module):
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, x):  # x (B, 3, H, W) in [0, 1]
-        if x.shape[-2:] != (RES, RES):  # pytorch-fid: bilinear, align_corners=False, no antialiasing
-            x = F.interpolate(x, size=(RES, RES), mode="bilinear", align_corners=False)
-        x = 2 * x - 1  # the TF graph takes [-1, 1]
+    def forward(self, x):  # x (B, 3, 299, 299) in [-1, 1], the TF graph's input, as load_image makes it
         x = self.Conv2d_1a_3x3(x)  # (B, 32, 149, 149)
         x = self.Conv2d_2a_3x3(x)  # (B, 32, 147, 147)
         x = self.Conv2d_2b_3x3(x)  # (B, 64, 147, 147)
@@ -301,17 +306,39 @@ def load_inception(weights=None, repo_id=None, cache_dir=None, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# Images -> preprocessed (3, 299, 299) tensors in [0, 1]
+# Images -> the network's input (3, 299, 299) in [-1, 1], in one of two modes (--resize). Their FIDs are not
+# comparable with each other, so every .npz and result JSON records its mode:
+#   "bilinear" (default): pytorch-fid's, the protocol of pytorch-fid's and torch-fidelity's numbers (but for
+#       torch-fidelity's TF 1.x-style bilinear kernel): [0, 1] pixels resized bilinearly to 299
+#       (align_corners=False, no antialiasing), then 2x - 1.
+#   "clean": clean-fid's clean mode (Parmar et al. 2022; its compute_fid(mode="clean") numbers): PIL bicubic,
+#       antialiased, on each channel in float, clipped to [0, 255], then (x - 128) / 128.
+FID_MODES = ("bilinear", "clean")
+
+
+def read_lines(path):
+    """The lines of a captions file (line i: the caption of image i), split as sample.py splits them."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
 
 
 def list_images(folder):
-    """The image files directly inside `folder` (extensions as pytorch-fid), sorted."""
-    folder = Path(folder)
+    """The images of a folder: a sample folder (with sample.py's prompts.txt) has 000000.png, 000001.png, ...,
+    one per line, and nothing else counts (grid.png); any other folder: every image file directly inside
+    (extensions as pytorch-fid), sorted."""
+    folder, prompts = Path(folder), Path(folder) / "prompts.txt"
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder of images: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if prompts.is_file():
+        files = [folder / f"{i:06d}.png" for i in range(len(read_lines(prompts)))]
+        if missing := next((f for f in files if not f.is_file()), None):
+            raise FileNotFoundError(f"{missing}: no such image, but {prompts} describes {len(files)} "
+                                    f"(000000.png ...)")
+    else:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise FileNotFoundError(f"no images ({' '.join(sorted(IMAGE_EXTS))}) in {folder}")
+        raise FileNotFoundError(f"no images ({' '.join(sorted(IMAGE_EXTS))}) in {folder}"
+                                + (" (its prompts.txt is empty)" if prompts.is_file() else ""))
     return files
 
 
@@ -326,8 +353,8 @@ def center_crop(img, size):
 
 
 def load_image(path, resize="bilinear", crop=None):
-    """One image file as a (3, 299, 299) float tensor in [0, 1], resized as pytorch-fid ("bilinear")
-    or clean-fid."""
+    """One image file as the network's input: a (3, 299, 299) float32 tensor in [-1, 1], preprocessed in FID
+    mode `resize` (see FID_MODES), after an optional center crop."""
     with Image.open(path) as img:
         img = img.convert("RGB")  # grayscale, palette, CMYK -> RGB; RGBA drops alpha, as pytorch-fid does
     if crop:
@@ -337,29 +364,48 @@ def load_image(path, resize="bilinear", crop=None):
         # clean-fid: antialiased PIL bicubic on each channel in float ("F" images), so no uint8 rounding.
         chans = [Image.fromarray(np.ascontiguousarray(x[..., c])).resize((RES, RES), Image.Resampling.BICUBIC)
                  for c in range(3)]
-        return torch.from_numpy(np.stack([np.asarray(c) for c in chans]).clip(0, 255) / 255)
+        x = np.stack([np.asarray(c) for c in chans]).clip(0, 255)  # (3, 299, 299)
+        return torch.from_numpy((x - 128) / 128)  # clean-fid's scaling, not 2x/255 - 1
     if resize != "bilinear":
         raise ValueError(f"resize must be 'bilinear' (pytorch-fid) or 'clean' (clean-fid), got {resize!r}")
     x = torch.from_numpy(x / 255).permute(2, 0, 1)  # (3, H, W)
     if x.shape[-2:] != (RES, RES):  # what pytorch-fid's model does to each batch
         x = F.interpolate(x[None], size=(RES, RES), mode="bilinear", align_corners=False)[0]
-    return x
+    return 2 * x - 1  # pytorch-fid's normalize_input
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files -> preprocessed (3, 299, 299) tensors, decoded in the DataLoader workers."""
+    """Image files -> load(file), decoded in the DataLoader workers; a file that cannot be read gives the
+    message that names it instead (see image_batches)."""
 
-    def __init__(self, files, resize="bilinear", crop=None):
-        self.files, self.resize, self.crop = files, resize, crop
+    def __init__(self, files, load):
+        self.files, self.load = files, load
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            return load_image(self.files[i], self.resize, self.crop)
-        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-            raise ValueError(f"{self.files[i]}: cannot read image: {e}") from e
+            return self.load(self.files[i])
+        except Exception as e:  # whatever PIL raises on a damaged file: OSError, SyntaxError, ValueError, ...
+            return f"{self.files[i]}: cannot read image ({type(e).__name__}: {' '.join(str(e).split())})"
+
+
+def collate(items):
+    """A batch (B, ...) of tensors, or the message of its first unreadable file."""
+    errors = [x for x in items if isinstance(x, str)]
+    return errors[0] if errors else torch.stack(items)
+
+
+def image_batches(files, load, batch_size=50, workers=0, device="cpu"):
+    """Batches of load(file), decoded in `workers` processes. An unreadable file is a ValueError naming it:
+    the message comes back as data, as an exception raised in a worker reaches the user as a traceback."""
+    loader = torch.utils.data.DataLoader(ImageFiles(files, load), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate, pin_memory=str(device).startswith("cuda"))
+    for batch in loader:
+        if isinstance(batch, str):
+            raise ValueError(batch)
+        yield batch
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +439,7 @@ class RunningStats:
 
 def compute_stats(folder, net, batch_size=50, device="cpu", workers=0, resize="bilinear", crop=None,
                   progress=True):
-    """(mu, sigma) of the features net(x) of every image in `folder`, streamed batch by batch."""
+    """(mu, sigma) of the features net(x) of the images of `folder` (list_images), streamed batch by batch."""
     files = list_images(folder)
     if len(files) < 2:
         raise ValueError(f"{folder}: FID needs at least 2 images to estimate a covariance, "
@@ -401,12 +447,11 @@ def compute_stats(folder, net, batch_size=50, device="cpu", workers=0, resize="b
     if len(files) < 2048:
         warnings.warn(f"{folder}: only {len(files)} images; with fewer than 2048 the feature covariance is "
                       f"singular and FID is biased high (the COCO protocol uses 30K)", stacklevel=2)
-    loader = torch.utils.data.DataLoader(ImageFiles(files, resize, crop), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=str(device).startswith("cuda"))
+    load = functools.partial(load_image, resize=resize, crop=crop)
     stats = None
     with torch.inference_mode(), tqdm(total=len(files), unit="img", desc=f"FID features {folder}",
                                       disable=not progress) as bar:
-        for x in loader:  # (B, 3, 299, 299)
+        for x in image_batches(files, load, batch_size, workers, device):  # (B, 3, 299, 299)
             f = net(x.to(device)).double().cpu().numpy()  # (B, 2048)
             if stats is None:
                 stats = RunningStats(f.shape[1])
@@ -415,23 +460,38 @@ def compute_stats(folder, net, batch_size=50, device="cpu", workers=0, resize="b
     return stats.stats()
 
 
-def save_stats(path, mu, sigma):
-    """Write mu and sigma to an .npz (pytorch-fid's format), atomically."""
+def save_stats(path, mu, sigma, mode="bilinear"):
+    """Write mu, sigma and the FID mode to an .npz (pytorch-fid's format, plus `mode`), atomically."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"statistics file must end in .npz: {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # a file object, so numpy does not append its own .npz
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, mu=mu, sigma=sigma, mode=np.array(mode))
 
 
 def load_stats(path):
-    """(mu, sigma) in float64 from an .npz written by save_stats or pytorch-fid."""
-    with np.load(path) as f:  # allow_pickle=False: arrays only
+    """(mu, sigma, mode), mu and sigma in float64, from an .npz written by save_stats or by pytorch-fid (which
+    has no `mode`: its own, "bilinear")."""
+    try:
+        f = np.load(path)  # allow_pickle=False: arrays only
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    with f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path}: expected arrays 'mu' and 'sigma', found {sorted(f.keys())}")
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        mode = str(f["mode"]) if "mode" in f else "bilinear"
+        if mode not in FID_MODES:
+            raise ValueError(f"{path}: unknown FID mode {mode!r}, expected one of {FID_MODES}")
+        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64), mode
+
+
+def check_modes(a, mode_a, b, mode_b):
+    """Refuse to compare statistics made in two FID modes: the distance would mix two preprocessings."""
+    if mode_a != mode_b:
+        raise ValueError(f"{a} is in FID mode {mode_a!r} and {b} in mode {mode_b!r}: FIDs of different modes "
+                         f"are not comparable; make both with the same --resize")
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -455,6 +515,51 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 # -----------------------------------------------------------------------------
+# CLIP score (SPEC E): how well images match their captions, as torchmetrics' CLIPScore
+
+
+def pair_scores(image_emb, text_emb):
+    """Per-pair CLIP scores 100 max(cos(E_image, E_caption), 0): (B, E) and (B, E) -> (B,) in float64."""
+    # As torchmetrics' documentation and SPEC E define it; its code clips the mean cosine at 0 instead of
+    # each pair's, which differs only where a pair's cosine is negative. Captions over 77 tokens are cut
+    # keeping the end token (CLIPTokenizer), where torchmetrics slices it off; no COCO caption is that long.
+    cos = (F.normalize(image_emb.double(), dim=-1) * F.normalize(text_emb.double(), dim=-1)).sum(-1)
+    return 100 * cos.clamp(min=0)
+
+
+def load_clip_image(path, image_cfg):
+    """One image file as CLIP's input (3, S, S): encoders.clip_preprocess with the checkpoint's settings."""
+    with Image.open(path) as img:
+        return clip_preprocess(img, **image_cfg)
+
+
+def images_and_captions(folder, captions=None):
+    """(image files, captions) of a folder: the caption of image i is line i of `captions` or of
+    FOLDER/prompts.txt."""
+    files, path = list_images(folder), Path(captions or Path(folder) / "prompts.txt")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such captions file" if captions else
+                                f"{folder}: no prompts.txt; give --captions FILE, line i for the i-th image")
+    lines = read_lines(path)
+    if len(lines) != len(files):
+        raise ValueError(f"{path}: {len(lines)} captions for the {len(files)} images of {folder}")
+    return files, lines
+
+
+def clip_score(files, captions, clip, batch_size=50, device="cpu", workers=0, progress=True):
+    """The mean CLIP score of image files and their captions (image i with caption i), in float64."""
+    total, n = 0.0, 0
+    load = functools.partial(load_clip_image, image_cfg=clip.image_cfg)
+    bar = tqdm(total=len(files), unit="img", desc="CLIP score", disable=not progress)
+    with torch.inference_mode(), bar:
+        for x in image_batches(files, load, batch_size, workers, device):  # (B, 3, S, S)
+            scores = pair_scores(clip.encode_image(x.to(device)), clip.encode_text(captions[n:n + len(x)]))
+            total, n = total + scores.sum().item(), n + len(x)
+            bar.update(len(x))
+    return total / n
+
+
+# -----------------------------------------------------------------------------
 # The zero-shot COCO protocol (SPEC D): 30K captions of COCO 2014 val -> one sample each
 # -> FID against val2014
 
@@ -472,44 +577,65 @@ def coco_captions(annotations, num=30000, seed=0):
     return [" ".join(a["caption"].split()) for a in random.Random(seed).sample(anns, num)]
 
 
-def coco_captions_main(argv):
-    """CLI: python fid.py coco-captions captions_val2014.json --out coco30k.txt [--num 30000 --seed 0]"""
-    p = argparse.ArgumentParser(prog="fid.py coco-captions",
-                                description="Captions file for zero-shot COCO FID.")
-    p.add_argument("annotations", help="COCO captions_val2014.json")
-    p.add_argument("--out", required=True, help="text file, one caption per line (input of sample.py)")
-    p.add_argument("--num", type=int, default=30000, help="number of captions (SPEC D: 30K)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random draw")
-    args = p.parse_args(argv)
-    captions = coco_captions(args.annotations, args.num, args.seed)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out) as tmp:
-        Path(tmp).write_text("\n".join(captions) + "\n")
-    print(f"wrote {len(captions)} captions to {args.out}")
-
-
 # -----------------------------------------------------------------------------
+# Command lines: FID (the main command) and its subcommands. Every flag shows its default in --help.
+
+HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
-def main(argv=None):
-    """CLI: python fid.py A B  |  python fid.py A --save-stats OUT.npz
-    (A, B: image folders or .npz statistics)"""
-    p = argparse.ArgumentParser(description="FID between two image folders or .npz statistics "
-                                            "(as pytorch-fid).")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="folder of images or .npz with mu and sigma")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of the first PATH")
+def add_common_args(p, fid=True):
+    """The flags of every command that reads images; with fid, those of the Inception network and the mode."""
     p.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes")
-    p.add_argument("--resize", choices=["bilinear", "clean"], default="bilinear",
-                   help="to 299x299: bilinear as pytorch-fid, or clean-fid's PIL bicubic")
-    p.add_argument("--center-crop", type=int, metavar="SIZE",
-                   help="first crop folder images to their central square and resize to SIZE (COCO: 256)")
-    p.add_argument("--weights", help=f"local .pth/.safetensors or URL (default: the release, cached in "
-                                     f"{CACHE_DIR}); with --weights-repo, the file name in the repo")
-    p.add_argument("--weights-repo", help="Hugging Face Hub repo holding the weights file")
+    if fid:
+        p.add_argument("--resize", choices=FID_MODES, default="bilinear",
+                       help="FID mode: 'bilinear' as pytorch-fid, 'clean' as clean-fid's clean mode")
+        p.add_argument("--center-crop", type=int, metavar="SIZE",
+                       help="first crop folder images to their central square and resize to SIZE (COCO: 256)")
+        p.add_argument("--weights", help=f"Inception weights: local .pth/.safetensors or URL; None: the "
+                                         f"release, cached in {CACHE_DIR}; with --weights-repo, a file name")
+        p.add_argument("--weights-repo", help="Hugging Face Hub repo holding the Inception weights file")
+
+
+def write_result(path, result, argv):
+    """Write a result JSON (atomically) with the command that made it."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {**result, "command": shlex.join(["python", "fid.py", *argv])})
+        print(f"wrote {path}")
+
+
+class FullHelp(argparse.Action):
+    """-h/--help of `fid.py`: its own help, then each subcommand's, so that one --help lists every flag."""
+
+    def __init__(self, option_strings, dest, help=None, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        for name, (make_parser, _) in SUBCOMMANDS.items():
+            print(f"\n=== fid.py {name} ===\n{make_parser().format_help()}", end="")
+        parser.exit()
+
+
+def fid_parser():
+    p = argparse.ArgumentParser(prog="fid.py", formatter_class=HELP, add_help=False, description=(
+        "FID between two image folders or .npz statistics (pytorch-fid's; clean-fid's with --resize clean). "
+        "Subcommands, each listed below: coco-captions, clip-score, protocol."))
+    p.add_argument("-h", "--help", action=FullHelp, help="show this help and every subcommand's, then exit")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="folder of images or .npz with mu and sigma")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of the first PATH")
+    p.add_argument("--out", metavar="RESULT.json", help="also write the FID as JSON")
+    add_common_args(p)
+    return p
+
+
+def fid_main(argv):
+    """CLI: python fid.py A B  |  python fid.py A --save-stats OUT.npz  (A, B: image folders or .npz)"""
+    p = fid_parser()
     args = p.parse_args(argv)
     if len(args.paths) > 2 or (len(args.paths) == 1 and not args.save_stats):
         p.error("give two PATHs to compare, or one PATH with --save-stats")
@@ -517,29 +643,133 @@ def main(argv=None):
         if not (path.endswith(".npz") and Path(path).is_file()) and not Path(path).is_dir():
             p.error(f"{path} is neither a folder of images nor an existing .npz statistics file")
     torch.backends.cudnn.allow_tf32 = False  # TF32 convs would shift FID; the reference numbers are float32
-
-    net = None
-    stats = []
+    loaded = {path: load_stats(path) for path in args.paths if path.endswith(".npz")}
+    modes = [loaded[path][2] if path in loaded else args.resize for path in args.paths]  # folders: --resize
+    if len(modes) == 2:
+        check_modes(args.paths[0], modes[0], args.paths[1], modes[1])
+    net, stats = None, []
     for path in args.paths:
-        if path.endswith(".npz"):
-            stats.append(load_stats(path))
+        if path in loaded:
+            stats.append(loaded[path][:2])
             continue
         if net is None:  # only folders need the network
             net = load_inception(args.weights, args.weights_repo, device=args.device)
         stats.append(compute_stats(path, net, args.batch_size, args.device, args.workers, args.resize,
                                    args.center_crop))
     if args.save_stats:
-        save_stats(args.save_stats, *stats[0])
-        print(f"saved statistics of {args.paths[0]} to {args.save_stats}")
+        save_stats(args.save_stats, *stats[0], modes[0])
+        print(f"saved statistics of {args.paths[0]} ({modes[0]} mode) to {args.save_stats}")
     if len(stats) == 2:
-        print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
+        value = frechet_distance(*stats[0], *stats[1])
+        print(f"FID: {value:.6f}")
+        write_result(args.out, {"fid": value, "fid_mode": modes[0], "paths": args.paths,
+                                "center_crop": args.center_crop}, argv)
+
+
+def coco_captions_parser():
+    p = argparse.ArgumentParser(prog="fid.py coco-captions", formatter_class=HELP,
+                                description="Captions file for zero-shot COCO FID.")
+    p.add_argument("annotations", help="COCO captions_val2014.json")
+    p.add_argument("--out", required=True, help="text file, one caption per line (input of sample.py)")
+    p.add_argument("--num", type=int, default=30000, help="number of captions (SPEC D: 30K)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draw")
+    return p
+
+
+def coco_captions_main(argv):
+    """CLI: python fid.py coco-captions captions_val2014.json --out coco30k.txt [--num 30000 --seed 0]"""
+    args = coco_captions_parser().parse_args(argv)
+    captions = coco_captions(args.annotations, args.num, args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(args.out) as tmp:
+        Path(tmp).write_text("\n".join(captions) + "\n")
+    print(f"wrote {len(captions)} captions to {args.out}")
+
+
+def clip_score_parser():
+    p = argparse.ArgumentParser(prog="fid.py clip-score", formatter_class=HELP,
+                                description="CLIP score of images against their captions: 100 max(cos, 0) of "
+                                            "their CLIP embeddings, averaged (torchmetrics' CLIPScore).")
+    p.add_argument("folder", metavar="FOLDER",
+                   help="images: a sample folder's 000000.png ... (see prompts.txt), else every image in it")
+    p.add_argument("--captions", metavar="FILE",
+                   help="caption of image i on line i; None: FOLDER/prompts.txt")
+    p.add_argument("--weights", default=OPENAI_CLIP_L, metavar="REPO_OR_DIR",
+                   help="CLIP: a Hub repo or folder, HF CLIPModel or open_clip layout")
+    p.add_argument("--out", metavar="RESULT.json", help="also write the score as JSON")
+    add_common_args(p, fid=False)
+    return p
+
+
+def clip_score_main(argv):
+    """CLI: python fid.py clip-score FOLDER [--captions FILE] [--weights REPO_OR_DIR] [--out RESULT.json]"""
+    args = clip_score_parser().parse_args(argv)
+    files, captions = images_and_captions(args.folder, args.captions)
+    clip = load_clip(args.weights, device=args.device)
+    score = clip_score(files, captions, clip, args.batch_size, args.device, args.workers)
+    print(f"CLIP score: {score:.4f} ({len(files)} images, {args.weights})")
+    write_result(args.out, {"clip_score": score, "num_images": len(files), "images": args.folder,
+                            "captions": args.captions or str(Path(args.folder) / "prompts.txt"),
+                            "clip_weights": args.weights}, ["clip-score", *argv])
+
+
+def protocol_parser():
+    p = argparse.ArgumentParser(prog="fid.py protocol", formatter_class=HELP,
+                                description="The COCO protocol's last step: FID of a sample folder against "
+                                            "reference statistics, and the CLIP score of its images against "
+                                            "its prompts.txt, in one JSON.")
+    p.add_argument("samples", metavar="SAMPLES_DIR", help="sample.py's output: 000000.png ..., prompts.txt, "
+                                                          "sample.json")
+    p.add_argument("ref_stats", metavar="REF_STATS.npz", help="reference statistics, made once: "
+                   "python fid.py val2014/ --center-crop 256 --save-stats ref.npz")
+    p.add_argument("--clip-weights", default=OPENAI_CLIP_L, metavar="REPO_OR_DIR",
+                   help="CLIP: a Hub repo or folder, HF CLIPModel or open_clip layout")
+    p.add_argument("--out", metavar="RESULT.json", help="the result; None: SAMPLES_DIR_protocol.json, beside "
+                                                         "the folder (as sample.py's SAMPLES_DIR_grid.png)")
+    add_common_args(p)
+    return p
+
+
+def protocol_main(argv):
+    """CLI: python fid.py protocol SAMPLES_DIR REF_STATS.npz [--clip-weights REPO_OR_DIR] [--out OUT.json]"""
+    args = protocol_parser().parse_args(argv)
+    mu_ref, sigma_ref, mode = load_stats(args.ref_stats)
+    check_modes(args.samples, args.resize, args.ref_stats, mode)  # before any network is loaded
+    files, captions = images_and_captions(args.samples)
+    torch.backends.cudnn.allow_tf32 = False
+    net = load_inception(args.weights, args.weights_repo, device=args.device)
+    mu, sigma = compute_stats(args.samples, net, args.batch_size, args.device, args.workers, args.resize,
+                              args.center_crop)
+    del net  # the device's memory, for CLIP
+    fid_value = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    clip = load_clip(args.clip_weights, device=args.device)
+    score = clip_score(files, captions, clip, args.batch_size, args.device, args.workers)
+    meta = Path(args.samples) / "sample.json"  # written by sample.py: ckpt, seed, steps, ..., command
+    meta = read_json(meta) if meta.is_file() else {}
+    print(f"FID: {fid_value:.4f}  CLIP score: {score:.4f}  ({len(files)} images, FID mode {args.resize})")
+    write_result(args.out or f"{Path(args.samples)}_protocol.json", {
+        "fid": fid_value, "clip_score": score, "num_images": len(files), "fid_mode": args.resize,
+        "center_crop": args.center_crop, "samples": args.samples, "reference_stats": args.ref_stats,
+        "checkpoint": meta.get("ckpt"), "sampling_command": meta.get("command"), "sample": meta or None,
+        "clip_weights": args.clip_weights, "inception_weights": args.weights or FID_WEIGHTS_URL,
+        "inception_weights_repo": args.weights_repo}, ["protocol", *argv])
+
+
+SUBCOMMANDS = {"coco-captions": (coco_captions_parser, coco_captions_main),  # name: (parser, main)
+               "clip-score": (clip_score_parser, clip_score_main),
+               "protocol": (protocol_parser, protocol_main)}
+
+
+def main(argv=None):
+    """CLI: python fid.py [coco-captions | clip-score | protocol] ARGS; without a subcommand, FID."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]][1](argv[1:])
+    return fid_main(argv)
 
 
 if __name__ == "__main__":
     try:
-        if sys.argv[1:2] == ["coco-captions"]:
-            coco_captions_main(sys.argv[2:])
-        else:
-            main()
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        main()
+    except (ValueError, OSError) as e:  # bad input, a missing file, no network: one line, no traceback
         sys.exit(f"fid.py: error: {e}")

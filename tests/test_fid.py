@@ -168,12 +168,23 @@ def test_stats_npz_roundtrip_and_errors(tmp_path):
     rng = np.random.default_rng(7)
     mu, sigma = rng.standard_normal(5), random_spd(rng, 5)
     fid.save_stats(tmp_path / "s.npz", mu, sigma)
-    assert sorted(np.load(tmp_path / "s.npz").files) == ["mu", "sigma"]  # pytorch-fid's format
-    mu2, sigma2 = fid.load_stats(tmp_path / "s.npz")
-    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    with np.load(tmp_path / "s.npz") as f:  # pytorch-fid's format (mu, sigma), plus the mode
+        assert sorted(f.files) == ["mode", "mu", "sigma"] and str(f["mode"]) == "bilinear"
+    mu2, sigma2, mode = fid.load_stats(tmp_path / "s.npz")
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2) and mode == "bilinear"
+    fid.save_stats(tmp_path / "c.npz", mu, sigma, mode="clean")
+    assert fid.load_stats(tmp_path / "c.npz")[2] == "clean"
+    np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)  # pytorch-fid's own file: its mode
+    assert fid.load_stats(tmp_path / "pytorch_fid.npz")[2] == "bilinear"
     np.savez(tmp_path / "bad.npz", mean=mu)
     with pytest.raises(ValueError, match="'mu' and 'sigma'"):
         fid.load_stats(tmp_path / "bad.npz")
+    np.savez(tmp_path / "odd.npz", mu=mu, sigma=sigma, mode=np.array("legacy_tensorflow"))
+    with pytest.raises(ValueError, match="odd.npz: unknown FID mode 'legacy_tensorflow'"):
+        fid.load_stats(tmp_path / "odd.npz")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "s.npz").read_bytes()[:100])  # a truncated download
+    with pytest.raises(ValueError, match="cut.npz: not a readable .npz file"):
+        fid.load_stats(tmp_path / "cut.npz")
     with pytest.raises(ValueError, match=".npz"):
         fid.save_stats(tmp_path / "s.txt", mu, sigma)
 
@@ -201,10 +212,10 @@ def test_bilinear_resize_is_pytorch_fid(tmp_path):
     w = 64
     ramp = np.tile((4 * np.arange(w)).astype(np.uint8), (10, 1))  # (10, 64), values 0..252
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
-    x = fid.load_image(tmp_path / "ramp.png")
+    x = fid.load_image(tmp_path / "ramp.png")  # the network's input: 2 x / 255 - 1, as pytorch-fid scales it
     src = np.clip((np.arange(fid.RES) + 0.5) * w / fid.RES - 0.5, 0, w - 1)
     assert x.shape == (3, 299, 299)
-    np.testing.assert_allclose(x[1, 150].numpy(), 4 * src / 255, atol=1e-6)
+    np.testing.assert_allclose(x[1, 150].numpy(), 2 * (4 * src / 255) - 1, atol=1e-6)
     np.testing.assert_allclose(x[0].numpy(), x[2].numpy(), atol=0)  # gray -> equal channels
 
 
@@ -218,19 +229,20 @@ def test_clean_resize_is_pil_bicubic(tmp_path):
         img = Image.open(tmp_path / "smooth.png")
         clean = fid.load_image(tmp_path / "smooth.png", resize="clean").numpy()
         assert clean.shape == (3, 299, 299) and clean.dtype == np.float32
+        clean = clean * 128 + 128  # back to pixel levels: clean-fid feeds (x - 128) / 128
         # PIL's own uint8 bicubic differs from clean-fid's float one only by rounding (its two passes round).
-        ref = np.asarray(img.resize((299, 299), Image.Resampling.BICUBIC), np.float32).transpose(2, 0, 1) / 255
-        assert np.abs(clean - ref).max() < 1.5 / 255 and np.abs(clean - ref).mean() < 0.5 / 255
+        ref = np.asarray(img.resize((299, 299), Image.Resampling.BICUBIC), np.float32).transpose(2, 0, 1)
+        assert np.abs(clean - ref).max() < 1.5 and np.abs(clean - ref).mean() < 0.5
         # ... while the default (pytorch-fid) resize is several levels away: the tolerance tells them apart.
-        assert np.abs(fid.load_image(tmp_path / "smooth.png").numpy() - ref).max() > 3 / 255
+        assert np.abs((fid.load_image(tmp_path / "smooth.png").numpy() + 1) * 127.5 - ref).max() > 3
     Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
     noise = tmp_path / "noise.png"
     assert (fid.load_image(noise, resize="clean") - fid.load_image(noise)).abs().max() > 0.05
-    # At 299x299 neither mode resizes: both give the pixels.
+    # At 299x299 neither mode resizes: both give the pixels, each scaled its own way.
     Image.fromarray(rng.integers(0, 256, (299, 299, 3), dtype=np.uint8)).save(tmp_path / "b.png")
-    pixels = torch.from_numpy(np.asarray(Image.open(tmp_path / "b.png"), dtype=np.float32) / 255).permute(2, 0, 1)
-    for mode in ("bilinear", "clean"):
-        assert torch.allclose(fid.load_image(tmp_path / "b.png", resize=mode), pixels, atol=1e-6)
+    pixels = torch.from_numpy(np.asarray(Image.open(tmp_path / "b.png"), dtype=np.float32)).permute(2, 0, 1)
+    assert torch.allclose(fid.load_image(tmp_path / "b.png"), pixels / 127.5 - 1, atol=1e-6)
+    assert torch.allclose(fid.load_image(tmp_path / "b.png", resize="clean"), (pixels - 128) / 128, atol=1e-6)
     with pytest.raises(ValueError, match="resize"):
         fid.load_image(tmp_path / "b.png", resize="nearest")
 
@@ -254,7 +266,7 @@ def test_center_crop_keeps_the_middle(tmp_path):
     x[:, :10, 0], x[:, 10:20, 1], x[:, 20:, 2] = 255, 255, 255  # red | green | blue
     Image.fromarray(x).save(tmp_path / "wide.png")
     out = fid.load_image(tmp_path / "wide.png", crop=16)  # crop to the green square, 16x16, then to 299
-    assert torch.allclose(out[1], torch.ones(299, 299), atol=1e-6) and out[[0, 2]].abs().max() < 1e-6
+    assert torch.allclose(out[1], torch.ones(299, 299), atol=1e-6) and (out[[0, 2]] + 1).abs().max() < 1e-6
 
 
 # -----------------------------------------------------------------------------
@@ -386,7 +398,7 @@ def test_cli_end_to_end(weights_file, tmp_path):
 
     code, out, err = run_cli(a, tmp_path / "a.npz", *opts)  # FID(A, A): A recomputed against its saved stats
     assert code == 0, err
-    mu, sigma = fid.load_stats(tmp_path / "a.npz")
+    mu, sigma, _ = fid.load_stats(tmp_path / "a.npz")
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
     # ~0: with 2 images the covariance has rank 1, and the rounding of the 2047 zero eigenvalues of S S
     # (each ~eps |S|^2, square-rooted) leaves a residue of ~1e-5 tr(S).
@@ -422,3 +434,151 @@ def test_coco_captions(tmp_path):
     assert fid.coco_captions(tmp_path / "captions_val2014.json", 4, seed=1) != lines
     with pytest.raises(ValueError, match="has 10"):
         fid.coco_captions(tmp_path / "captions_val2014.json", 11)
+
+
+# -----------------------------------------------------------------------------
+# The two FID modes: what the network is fed, and statistics of different modes never compared
+
+
+def clean_fid_input(path):
+    """clean-fid's clean mode, written from its definition: PIL bicubic on each channel as a float ("F") image
+    to 299x299, clipped to [0, 255], then (x - 128) / 128. (3, 299, 299) float32."""
+    x = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    chans = [Image.fromarray(x[..., c].copy(), mode="F").resize((299, 299), Image.Resampling.BICUBIC)
+             for c in range(3)]
+    chans = [np.asarray(c) for c in chans]
+    return (np.stack(chans).clip(0, 255) - 128) / 128
+
+
+def pytorch_fid_input(path):
+    """pytorch-fid's preprocessing: [0, 1] pixels, bilinear to 299 (align_corners=False), then 2x - 1."""
+    x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    return (2 * F.interpolate(x[None], size=(299, 299), mode="bilinear", align_corners=False)[0] - 1).numpy()
+
+
+@pytest.mark.filterwarnings("ignore:.*2048")
+@pytest.mark.parametrize("mode,reference", [("clean", clean_fid_input), ("bilinear", pytorch_fid_input)])
+def test_network_input_is_the_modes_definition(net, tmp_path, mode, reference):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(12)
+    # noise (bicubic overshoots past 0 and 255: the clip matters), a smooth upsampled image and a large one
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(folder / "a.png")
+    write_images(tmp_path / "smooth", 1, seed=13, size=(96, 80))
+    shutil.copy(tmp_path / "smooth" / "000.png", folder / "b.png")
+    Image.fromarray(rng.integers(0, 256, (420, 380, 3), dtype=np.uint8)).save(folder / "c.png")
+    seen = []  # what the first convolution of the FID InceptionV3 receives, through the real data path
+    hook = net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        fid.compute_stats(folder, net, batch_size=3, resize=mode, progress=False)
+    finally:
+        hook.remove()
+    got = seen[0].numpy()
+    for i, name in enumerate(["a.png", "b.png", "c.png"]):
+        ref = reference(folder / name)
+        assert np.abs(got[i] - ref).max() < 1e-5, (name, np.abs(got[i] - ref).max())
+    if mode == "clean":  # the two scalings differ: 2x/255 - 1 would be off by up to 1/255 here
+        assert np.abs(got[0] - ((ref * 128 + 128) / 127.5 - 1)).max() > 0.5 / 255
+
+
+def test_statistics_of_different_modes_are_refused(tmp_path):
+    rng = np.random.default_rng(14)
+    mu, sigma = rng.standard_normal(4), random_spd(rng, 4)
+    fid.save_stats(tmp_path / "ref_clean.npz", mu, sigma, mode="clean")
+    np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)  # no mode field: pytorch-fid's own, "bilinear"
+    code, out, err = run_cli(tmp_path / "pytorch_fid.npz", tmp_path / "ref_clean.npz")
+    assert code == 1 and err.count("\n") == 1 and "FID:" not in out
+    assert re.fullmatch(r"fid\.py: error: \S*pytorch_fid\.npz is in FID mode 'bilinear' and "
+                        r"\S*ref_clean\.npz in mode 'clean': .*\n", err), err
+    write_images(tmp_path / "A", 2, seed=15)  # a folder is in --resize's mode; refused before any weights
+    with pytest.raises(ValueError, match=r"A is in FID mode 'bilinear' and \S*ref_clean.npz in mode 'clean'"):
+        fid.main([tmp_path / "A", tmp_path / "ref_clean.npz", "--weights", tmp_path / "none.pth"])
+    fid.save_stats(tmp_path / "ref_bilinear.npz", mu + 1, sigma)  # the same mode: compared
+    code, out, err = run_cli(tmp_path / "pytorch_fid.npz", tmp_path / "ref_bilinear.npz",
+                             "--out", tmp_path / "r.json")
+    assert code == 0 and float(re.search(r"FID: (\S+)", out).group(1)) == pytest.approx(4.0, rel=1e-6)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["fid"] == pytest.approx(4.0, rel=1e-6) and result["fid_mode"] == "bilinear"
+
+
+# -----------------------------------------------------------------------------
+# Sample folders (prompts.txt), damaged images, --help
+
+
+def sample_folder(folder, n, seed=0, extra=True):
+    """A folder as sample.py writes it: prompts.txt (line i: caption of image i), 000000.png ..., grid.png;
+    plus a stray image that no line describes."""
+    write_images(folder, n, seed)
+    for i in range(n):
+        (folder / f"{i:03d}.png").rename(folder / f"{i:06d}.png")
+    (folder / "prompts.txt").write_text("".join(f"caption {i}\n" for i in range(n)))
+    if extra:
+        Image.new("RGB", (64, 64), (255, 0, 0)).save(folder / "grid.png")
+        Image.new("RGB", (20, 20), (0, 0, 255)).save(folder / f"{n:06d}.png")  # left over from an older run
+        Image.new("RGB", (20, 20), (0, 255, 0)).save(folder / "other.jpg")
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:.*2048")
+def test_sample_folder_reads_only_the_images_of_prompts_txt(tmp_path):
+    folder = sample_folder(tmp_path / "samples", 3)
+    described = [folder / f"{i:06d}.png" for i in range(3)]
+    assert fid.list_images(folder) == described
+    seen = []
+
+    def features(x):  # (B, 3, 299, 299) -> (B, 3): records what was read
+        seen.append(x)
+        return x.mean((2, 3))
+
+    fid.compute_stats(folder, features, batch_size=2, progress=False)
+    got = torch.cat(seen)
+    assert len(got) == 3 and torch.equal(got, torch.stack([fid.load_image(f) for f in described]))
+    files, captions = fid.images_and_captions(folder)
+    assert files == described and captions == ["caption 0", "caption 1", "caption 2"]
+    (folder / "prompts.txt").unlink()  # without prompts.txt: every image file directly inside, as before
+    assert [f.name for f in fid.list_images(folder)] == ["000000.png", "000001.png", "000002.png",
+                                                         "000003.png", "grid.png", "other.jpg"]
+    (folder / "prompts.txt").write_text("a\nb\nc\nd\ne\n")  # five lines, four numbered images
+    with pytest.raises(FileNotFoundError, match=r"000004.png: no such image, but \S*prompts.txt describes 5"):
+        fid.list_images(folder)
+    with pytest.raises(ValueError, match=r"caps.txt: 2 captions for the 5 images"):
+        (tmp_path / "caps.txt").write_text("x\ny\n")
+        (folder / "000004.png").write_bytes((folder / "000000.png").read_bytes())
+        fid.images_and_captions(folder, tmp_path / "caps.txt")
+
+
+def test_damaged_image_is_one_line_with_workers(weights_file, tmp_path):
+    folder = write_images(tmp_path / "imgs", 4, seed=16)
+    good = (folder / "001.png").read_bytes()
+    (folder / "001.png").write_bytes(good[:len(good) // 2])  # truncated
+    (folder / "003.png").write_text("not an image")
+    code, out, err = run_cli(folder, "--save-stats", tmp_path / "s.npz", "--weights", weights_file,
+                             "--workers", 2, "--batch-size", 2, "--device", "cpu")
+    assert code == 1 and "Traceback" not in err and not (tmp_path / "s.npz").exists(), err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0] == err.rstrip("\n").split("\n")[-1], err
+    name = re.escape(str(folder / "001.png"))
+    assert re.fullmatch(rf"fid\.py: error: {name}: cannot read image \(OSError: .*\)", errors[0]), errors[0]
+    # the same message in-process, from the other file
+    with pytest.raises(ValueError, match=r"003.png: cannot read image \(UnidentifiedImageError: "):
+        list(fid.image_batches([folder / "000.png", folder / "003.png"], fid.load_image, 2, workers=1))
+
+
+def test_help_lists_every_command_and_flag_with_its_default(capsys):
+    r = subprocess.run([sys.executable, str(ROOT / "fid.py"), "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    sections = re.split(r"^=== fid\.py (\S+) ===$", r.stdout, flags=re.M)
+    assert sections[1::2] == ["coco-captions", "clip-score", "protocol"]
+    parsers = [fid.fid_parser()] + [fid.SUBCOMMANDS[name][0]() for name in sections[1::2]]
+    for text, parser in zip(sections[::2], parsers):
+        flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+        assert all(a.option_strings[-1] in text for a in flags)
+        text = " ".join(text.split())  # argparse wraps lines
+        assert text.count("(default: ") == len(flags)  # one default per flag (positionals have none)
+    assert "(default: bilinear)" in r.stdout and "(default: 30000)" in r.stdout
+    assert "(default: openai/clip-vit-large-patch14)" in r.stdout
+    for name in ("clip-score", "protocol", "coco-captions"):
+        with pytest.raises(SystemExit) as e:
+            fid.main([name, "--help"])
+        assert e.value.code == 0 and f"usage: fid.py {name}" in capsys.readouterr().out
