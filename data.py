@@ -139,6 +139,20 @@ def read_index(root):
     return index
 
 
+def check_shards(root, index):
+    """Every shard of a local dataset is there with the size index.json records: a missing or truncated shard
+    is found when training starts, not when the stream reaches it (Hub shards are checked as they arrive)."""
+    if root.startswith("hf://"):
+        return
+    for entry in index["shards"]:
+        path = os.path.join(root, entry["file"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing (index.json lists it)")
+        if (size := os.path.getsize(path)) != entry["bytes"]:
+            raise ValueError(f"{path}: {size} bytes but index.json says {entry['bytes']} "
+                             f"(truncated or replaced?)")
+
+
 def read_shard(root, index, i, path=None):
     """Shard i of a dataset as (latents fp16 (N,C,H,W), text fp16 (N,L,D), captions),
     checked against the index."""
@@ -533,10 +547,15 @@ def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, ma
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Write latent shard datasets.")
+class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default and keeps the text's own line breaks."""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("shapes", help="the built-in synthetic shapes dataset (pixels are the latents)")
+    p = sub.add_parser("shapes", help="the built-in synthetic shapes dataset (pixels are the latents)",
+                       formatter_class=Help)
     p.add_argument("--out", required=True, help="output folder; the held-out split goes to OUT/val")
     p.add_argument("--n", type=int, required=True, help="number of training images")
     p.add_argument("--res", type=int, default=32, help="image side in pixels")
@@ -548,7 +567,7 @@ def main():
     p.add_argument("--text-context", type=float, default=0.7,
                    help="built-in text encoder's causal context; 0 = none")
     p.add_argument("--val", type=int, default=512, help="held-out images written to OUT/val (0: none)")
-    p = sub.add_parser("prepare",
+    p = sub.add_parser("prepare", formatter_class=Help,
                        help="encode image-caption pairs into VAE latents + caption features (resumable)")
     p.add_argument("--input", required=True, help="a folder of images with same-name .txt captions, "
                    "or a .jsonl or .csv with 'path' (relative to its folder) and 'caption'")
@@ -568,16 +587,29 @@ def main():
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sample", dest="sample", action="store_true", default=True,
-                   help="store posterior samples x scaling factor, as the paper (default)")
-    g.add_argument("--mean", dest="sample", action="store_false", help="store posterior means instead")
-    args = parser.parse_args()
-    if args.command == "shapes":
-        make_shapes_dataset(args.out, args.n, args.res, args.seed, args.shard_size, args.text_dim,
-                            args.max_len, args.val, args.text_context)
-    else:
-        prepare(args.input, args.out, args.res, args.vae, args.vae_subfolder, args.text_encoder,
-                args.text_encoder_subfolder, args.batch_size, args.device, args.shard_size, args.seed,
-                args.sample, args.workers)
+                   help="store posterior samples x scaling factor, as the paper")
+    g.add_argument("--mean", dest="sample", action="store_false", default=argparse.SUPPRESS,
+                   help="store posterior means instead")
+    parser.epilog = "\n".join(f"python data.py {name} ...:\n{q.format_help()}"
+                              for name, q in sub.choices.items())
+    args = parser.parse_args(argv)
+    lowest = {"n": 1, "res": 8, "shard_size": 1, "batch_size": 1, "workers": 1, "max_len": 2, "text_dim": 2,
+              "val": 0, "seed": 0}
+    for key, low in lowest.items():
+        values = getattr(args, key, None)  # --res of prepare is a list
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < low:
+                parser.error(f"--{key.replace('_', '-')}={value}: must be >= {low}")
+    try:
+        if args.command == "shapes":
+            make_shapes_dataset(args.out, args.n, args.res, args.seed, args.shard_size, args.text_dim,
+                                args.max_len, args.val, args.text_context)
+        else:
+            prepare(args.input, args.out, args.res, args.vae, args.vae_subfolder, args.text_encoder,
+                    args.text_encoder_subfolder, args.batch_size, args.device, args.shard_size, args.seed,
+                    args.sample, args.workers)
+    except (ValueError, OSError) as e:  # bad input, a damaged file, a folder of another dataset: one line
+        parser.exit(2, f"data.py: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -637,12 +637,49 @@ def print_fits(fits, n_runs):
         print(f"  C = {C:.3g}: N = {n:.3g} params, D = {d:.3g} images, predicted loss {l:.4f}")
 
 
-def plot_fits(rows, fits, path):
-    """Log-log panels of loss and accuracy against compute, parameters and images, with the frontier fits."""
-    import matplotlib  # only here: plotting is the one place matplotlib is needed
+def pyplot():
+    """matplotlib's pyplot, drawing to files (Agg): loaded only when a plot is made, as it takes a second."""
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    with atomic_write(path) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, dpi=110, format="png")
+    pyplot().close(fig)
+
+
+def plot_run(log_path, path):
+    """A training run's curves from its log.jsonl: the training loss by step and, when the run has them,
+    its evaluations (validation loss; the accuracy of its samples per attribute)."""
+    plt, rows = pyplot(), read_jsonl(log_path)
+    train = np.array([(r["step"], r["loss"]) for r in rows if np.isfinite(r.get("loss", np.nan))])
+    train = train.reshape(-1, 2)  # (steps logged, 2)
+    evals = [r for r in rows if "val_loss" in r or "acc_mean" in r]
+    accs = [k for k in ("acc_shape", "acc_colour", "acc_position", "acc_mean") if any(k in r for r in evals)]
+    fig, axes = plt.subplots(1, 2 if accs else 1, figsize=(10 if accs else 5, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(train[:, 0], train[:, 1], label="training loss (mean since the last line)")
+    if val := [(r["step"], r["val_loss"]) for r in evals if "val_loss" in r]:
+        ax.plot(*zip(*val), "o-", label="validation loss (mask 0)")
+    ax.set(yscale="log", xlabel="step", ylabel="EDM loss", title="loss")
+    ax.legend(fontsize=7)
+    for k in accs:
+        points = [(r["step"], r[k]) for r in evals if k in r]
+        axes[0, 1].plot(*zip(*points), "o-", label=k.removeprefix("acc_"))
+    if accs:
+        axes[0, 1].set(xlabel="step", ylabel="accuracy on held-out captions", ylim=(0, 1.02), title="samples")
+        axes[0, 1].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_fits(rows, fits, path):
+    """Log-log panels of loss and accuracy against compute, parameters and images, with the frontier fits."""
     from matplotlib import ticker
+    plt = pyplot()
     models = sorted({r["model"] for r in rows},
                     key=lambda m: min(r["params"] for r in rows if r["model"] == m))
     fig, axes = plt.subplots(len(TARGETS), len(AXES), figsize=(4 * len(AXES), 3.4 * len(TARGETS)),
@@ -668,45 +705,49 @@ def plot_fits(rows, fits, path):
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # minor labels of a short decade overlap
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:  # a reader never sees half a PNG
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default and keeps the text's own line breaks."""
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="compute and cost accounting, scaling fits, CPU sweep")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("cost", help="FLOPs, GPU-hours and dollars of the MicroDiT recipe, stage by stage")
+    add = lambda name, text: sub.add_parser(name, help=text, description=text, formatter_class=Help)
+    c = add("cost", "FLOPs, GPU-hours and dollars of the MicroDiT recipe, stage by stage")
     c.add_argument("--preset", default="MicroDiT_XL_2", choices=list(PRESETS))
     c.add_argument("--gpu-peak", type=float, default=H100_BF16_PEAK / 1e12, help="peak TFLOP/s of one GPU")
     c.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation to price at")
     c.add_argument("--price", type=float, default=PRICE_PER_GPU_HOUR, help="dollars per GPU-hour")
-    sub.add_parser("unets", help="the 16 UNets of Paper B's Table 1: parameters and GMACs beside the paper's")
-    s = sub.add_parser("sweep", help="train and evaluate a grid of small models (calls train.py)")
-    s.add_argument("--out", default="results.jsonl")
-    a = sub.add_parser("ablate", help="the papers' ablations in miniature, at equal FLOPs (calls train.py)")
-    a.add_argument("--out", default="results/ablations.jsonl")
+    add("unets", "the 16 UNets of Paper B's Table 1: parameters and GMACs beside the paper's")
+    s = add("sweep", "train and evaluate a grid of small models (calls train.py)")
+    s.add_argument("--out", default="results.jsonl", help="results JSONL, one row per finished run")
+    a = add("ablate", "the papers' ablations in miniature, at equal FLOPs (calls train.py)")
+    a.add_argument("--out", default="results/ablations.jsonl", help="rows JSONL, one per finished run")
     a.add_argument("--tables", default=",".join(ABLATION_TABLES), help="comma-separated, from: "
                    + ", ".join(ABLATION_TABLES))
-    a.add_argument("--seeds", default=",".join(map(str, ABLATION_SEEDS)))
+    a.add_argument("--seeds", default=",".join(map(str, ABLATION_SEEDS)), help="comma-separated seeds")
     a.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cpu_count/jobs threads")
     a.add_argument("--base-steps", type=int, default=ABLATION_BASE_STEPS,
                    help="the budget C, in base-run steps")
-    a.add_argument("--run-root", default="out/ablate")
-    a.add_argument("--data-root", default="data_cache")
-    a.add_argument("--dataset-size", type=int, default=ABLATION_DATASET_SIZE)
+    a.add_argument("--run-root", default="out/ablate", help="one train.py out_dir per run below it")
+    a.add_argument("--data-root", default="data_cache", help="one built-in dataset per seed below it")
+    a.add_argument("--dataset-size", type=int, default=ABLATION_DATASET_SIZE, help="built-in dataset size")
     a.add_argument("--train-args", default="",
                    help="extra train.py arguments for every run, e.g. '--eval_n=64'")
     a.add_argument("--report", action="store_true", help="only print the tables of --out")
-    f = sub.add_parser("fit", help="fit a sweep's results and plot them")
-    f.add_argument("results")
+    f = add("fit", "fit a sweep's results and plot them")
+    f.add_argument("results", help="a sweep's results JSONL")
     f.add_argument("--plot", default=None, help="write a log-log PNG here")
     f.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.epilog = "\n".join(f"python scaling.py {name} ...:\n{q.format_help()}"
+                         for name, q in sub.choices.items())
     args = p.parse_args(argv)
     if args.cmd == "cost":
         if not (args.gpu_peak > 0 and 0 < args.mfu <= 1 and args.price >= 0):
@@ -716,7 +757,10 @@ def main(argv=None):
     elif args.cmd == "unets":
         print_unet_table()
     elif args.cmd == "sweep":
-        sweep(args.out)
+        try:
+            sweep(args.out)
+        except (ValueError, OSError, RuntimeError) as e:  # a failed or stopped run: one line, rows kept
+            p.exit(2, f"scaling.py: error: {e}\n")
     elif args.cmd == "ablate":
         tables = [t for t in args.tables.split(",") if t]
         try:

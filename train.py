@@ -15,13 +15,18 @@ Reads top to bottom: the config, the setup steps as small functions, then train(
 """
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
+import textwrap
 import time
+import traceback
 import typing
+import weakref
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -33,9 +38,14 @@ import shapes
 from checkpoint import (add_results, atomic_write, list_checkpoints, load_checkpoint, push_to_hub,
                         read_checkpoint, remove, resolve_checkpoint, save_pretrained, save_train_state)
 from diffusion import Denoiser, drop_captions, edm_loss, sample_sigma, training_noise
-from model import build_model, flops_per_image, get_config, num_params
+from model import PRESETS, build_model, flops_per_image, get_config, model_type, num_params
+from parallel import busy_warning, check_device, default_threads, measure_peak_flops, setup_distributed
 from sample import generate, image_grid
-from scaling import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours
+from scaling import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours, plot_run
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (non-finite steps, ranks that disagree): said in one line, checkpoints kept."""
 
 
 @dataclass
@@ -43,8 +53,10 @@ class TrainConfig:
     # data
     dataset: str = "shapes"          # "shapes": the built-in dataset, made if missing; "shards"
     data_dir: str = ""               # latent shards (index.json + shard-*.safetensors): a local folder or
-                                     # hf://datasets/USER/NAME[@REV][/SUBDIR]; "" = data_cache/shapes<res>
-    dataset_size: int = 40_000       # built-in dataset: training images to generate
+                                     # hf://datasets/USER/NAME[@REV][/SUBDIR]; "" = the built-in one in
+                                     # data_cache/shapes<res>_n<size>_seed<seed>_d<width>_ctx<context>
+    dataset_size: int = 40_000       # built-in dataset: training images to generate (its folder is named by
+                                     # size, seed, resolution, caption width and context: another is another)
     text_context: float = 0.7        # built-in dataset: the text encoder's causal context, 0 = none
     shuffle_buffer: int = 8192       # records shuffled together in memory
     num_workers: int = 0             # DataLoader workers per rank and lane
@@ -59,7 +71,7 @@ class TrainConfig:
     pos_interp_scale: float = 0.0    # 0 = the preset's; 2 at 512px keeps the 256px position range (SPEC A2)
     # diffusion (EDM, SPEC A3)
     P_mean: float = -0.6             # ln(sigma) ~ N(P_mean, P_std^2) during training
-    P_std: float = 1.2
+    P_std: float = 1.2               # (EDM's training noise distribution; sampling uses the Karras schedule)
     sigma_data: float = 0.9          # the data's std in the preconditioning; recorded in every checkpoint
     mask_ratio: float = 0.5          # fraction of patches dropped after the patch-mixer
     unmasked_steps: int = 250        # the last this-many steps train unmasked, as the recipe's stages 2 and 4
@@ -71,14 +83,14 @@ class TrainConfig:
     micro_batch: int = 0             # images per rank per forward pass; > 0: grad_accum = batch_size /
                                      # (micro_batch x world), so one config fits any GPU count
     max_steps: int = 2000            # the default run: ~12 min on 2 CPU cores
-    lr: float = 1e-3
+    lr: float = 1e-3                 # peak learning rate of AdamW
     lr_schedule: str = "cosine"      # "cosine" (warmup, cosine to lr * min_lr_ratio) or "constant" (warmup)
     warmup_steps: int = 200
     min_lr_ratio: float = 0.33       # the floor of the cosine, as a fraction of lr
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    weight_decay: float = 0.1        # AdamW's decoupled weight decay
+    beta1: float = 0.9               # AdamW's first-moment decay
+    beta2: float = 0.999             # AdamW's second-moment decay
+    eps: float = 1e-8                # AdamW's denominator epsilon
     grad_clip: float = 1.0           # max gradient norm; 0 = off
     ema_decay: float = 0.999         # EMA of the weights (warmed up); 0 = no EMA
     max_bad_steps: int = 5           # a non-finite loss or gradient skips the step; this many in a row stop
@@ -87,10 +99,12 @@ class TrainConfig:
     bf16: typing.Optional[bool] = None  # bf16 autocast; None = on for CUDA, off for CPU (bf16 keeps fp32's
                                      # exponent range, so no GradScaler: fp16 autocast is not offered)
     compile: bool = False            # torch.compile the model
-    seed: int = 0
-    threads: int = 0                 # CPU threads for torch; 0 = leave torch's default
+    seed: int = 0                    # initial weights, noise, data order and the built-in dataset's scenes
+    threads: int = 0                 # CPU threads for torch; 0 = the cores this process may use, shared by
+                                     # the ranks of one machine. Two jobs side by side: give each half
     # logging, evaluation, checkpoints
-    out_dir: str = "out/default"
+    out_dir: str = "out/default"     # one run's checkpoints, log.jsonl, sample grids and loss curve
+    overwrite: bool = False          # delete the run already in out_dir and start a new one there
     log_every: int = 100             # steps between log lines
     eval_every: int = 0              # steps between sample grids + scores; 0 = only at the end
     eval_n: int = 128                # held-out captions sampled at each evaluation
@@ -142,6 +156,30 @@ def model_overrides(text, cfg):
     return out
 
 
+def read_config_file(path, types):
+    """{field: value} of a config file (plain Python assigning fields); its errors name it and the line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    scope = {}
+    try:
+        exec(compile(open(path).read(), path, "exec"), scope)
+    except SyntaxError as e:
+        raise ValueError(f"{path}:{e.lineno}: {e.msg}") from None
+    except Exception as e:  # the config file's own line, not this function's
+        line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path][-1:] or ["?"]
+        raise ValueError(f"{path}:{line[0]}: {type(e).__name__}: {e}") from None
+    values = {k: v for k, v in scope.items() if not k.startswith("_") and not inspect.ismodule(v)}
+    for key, value in values.items():
+        if key not in types:
+            raise ValueError(f"{path}: unknown config key {key!r}")
+        expected = typing.get_args(types[key]) or (types[key],)
+        if not isinstance(value, expected) and not (float in expected and type(value) is int):
+            raise ValueError(f"{path}: {key} must be {types[key]}, got {value!r}")
+    if not values:
+        raise ValueError(f"{path}: sets no config field (a config file assigns fields of TrainConfig)")
+    return values
+
+
 def load_config(argv):
     """TrainConfig from config files (plain Python assigning fields) and --key=value overrides, in order."""
     cfg = TrainConfig()
@@ -151,31 +189,84 @@ def load_config(argv):
             key, sep, text = arg[2:].partition("=")
             key = key.replace("-", "_")
             if key not in types:
-                raise ValueError(f"unknown config key --{key} (known: {', '.join(types)})")
+                raise ValueError(f"unknown config key --{key} (python train.py --help lists them)")
             if not sep:
                 raise ValueError(f"--{key}: give a value as --{key}=VALUE")
             setattr(cfg, key, parse_value(key, text, types[key]))
-        else:  # a config file: plain Python whose top-level names are config fields
-            if not os.path.isfile(arg):
-                raise FileNotFoundError(f"config file not found: {arg}")
-            scope = {}
-            exec(open(arg).read(), scope)
-            for key, value in scope.items():
-                if key.startswith("_") or isinstance(value, type(os)):
-                    continue
-                if key not in types:
-                    raise ValueError(f"{arg}: unknown config key {key!r}")
-                expected = typing.get_args(types[key]) or (types[key],)
-                if not isinstance(value, expected) and not (float in expected and isinstance(value, int)):
-                    raise ValueError(f"{arg}: {key} must be {types[key]}, got {value!r}")
+        else:
+            for key, value in read_config_file(arg, types).items():
                 setattr(cfg, key, value)
-    if cfg.unmasked_steps < 0:
-        raise ValueError(f"--unmasked_steps must be >= 0, got {cfg.unmasked_steps}")
-    if not 0 <= cfg.text_context < 1:
-        raise ValueError(f"--text_context must be in [0, 1), got {cfg.text_context}")
-    if cfg.model_args:  # checked now, so a typo is a one-line error before any work
-        model_overrides(cfg.model_args, get_config(cfg.model))
     return cfg
+
+
+def field_help():
+    """{field: its comment} from TrainConfig's source, so that --help cannot drift from the code."""
+    docs, field = {}, None
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if m := re.match(r" {4}(\w+): [^#]*?(?:#\s*(.*))?$", line):
+            field, docs[m[1]] = m[1], m[2] or ""
+        elif (m := re.match(r" {5,}#\s*(.*)$", line)) and field:  # a comment continued on the next line
+            docs[field] += " " + m[1]
+    return docs
+
+
+def print_help():
+    print(__doc__.strip() + "\n\nusage: python train.py [CONFIG.py ...] [--key=value ...]   "
+          "(config files and overrides apply in order)\n\nfields, their defaults and meaning:")
+    for f, doc in zip(fields(TrainConfig), field_help().values()):
+        flag = f"--{f.name}={getattr(TrainConfig, f.name)}"
+        for i, text in enumerate(textwrap.wrap(doc, 110 - 33) or [""]):
+            print(f"  {flag if i == 0 else '':<30} {text}")
+
+
+def check_config(cfg, world=None):
+    """Every value checked before any work, with a one-line error that names the flag and what it may be."""
+    def need(ok, key, what):
+        if not ok:
+            raise ValueError(f"--{key}={getattr(cfg, key)!r}: must be {what}")
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    for key in ("dataset_size", "shuffle_buffer", "batch_size", "grad_accum", "log_every", "ckpt_every",
+                "keep_ckpts", "max_bad_steps", "eval_steps"):
+        need(getattr(cfg, key) >= 1, key, ">= 1")
+    for key in ("num_workers", "data_lanes", "latent_size", "unmasked_steps", "micro_batch", "max_steps",
+                "warmup_steps", "seed", "threads", "eval_every", "eval_n", "val_n"):
+        need(getattr(cfg, key) >= 0, key, ">= 0")
+    need(finite(cfg.P_mean), "P_mean", "a finite number")
+    for key in ("pos_interp_scale", "lr", "weight_decay", "grad_clip", "eval_guidance", "peak_flops"):
+        need(finite(getattr(cfg, key)) and getattr(cfg, key) >= 0, key, "a finite number >= 0")
+    for key in ("P_std", "sigma_data", "eps"):
+        need(finite(getattr(cfg, key)) and getattr(cfg, key) > 0, key, "a finite number > 0")
+    for key in ("text_context", "mask_ratio", "beta1", "beta2", "ema_decay"):
+        need(0 <= getattr(cfg, key) < 1, key, "in [0, 1)")
+    for key in ("caption_dropout", "min_lr_ratio"):
+        need(0 <= getattr(cfg, key) <= 1, key, "in [0, 1]")
+    need(cfg.dataset in ("shapes", "shards"), "dataset", "'shapes' (built in) or 'shards'")
+    need(cfg.lr_schedule in ("cosine", "constant"), "lr_schedule", "'cosine' or 'constant'")
+    need(cfg.model in PRESETS, "model", f"a preset of model.py: {', '.join(PRESETS)}")
+    need(cfg.out_dir.strip(), "out_dir", "a folder")
+    need(not cfg.push_to_hub or re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.push_to_hub), "push_to_hub",
+         "a Hub repo id user/name")
+    need(cfg.resume in ("", "auto") or os.path.isdir(cfg.resume), "resume", "'auto' or a checkpoint folder")
+    need(not (cfg.resume and cfg.overwrite), "overwrite", "false with --resume (it deletes what resumes)")
+    hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+(/.+)?", cfg.init_from)  # user/name[/file.pt]
+    need(not cfg.init_from or os.path.exists(cfg.init_from) or hub_id, "init_from",
+         "a checkpoint, a run folder or a Hub id")
+    need(cfg.init_from or not cfg.init_state, "init_state", "false without --init_from")
+    need(cfg.dataset == "shapes" or cfg.data_dir.startswith("hf://") or os.path.isfile(
+        os.path.join(cfg.data_dir, "index.json")), "data_dir", "a folder of latent shards (with index.json) "
+         "or hf://datasets/USER/NAME for --dataset=shards")
+    check_device(cfg.device)
+    mcfg = model_config(cfg)
+    need(model_type(mcfg) == "MicroDiT" or not cfg.mask_ratio, "mask_ratio", f"0 for {cfg.model}: no patches")
+    need(mcfg.latent_size % getattr(mcfg, "patch_size", 1) == 0, "latent_size", "a multiple of the patch")
+    try:  # the network is built and run once on the meta device: no memory, no time
+        with torch.device("meta"):
+            x = torch.zeros(1, mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size)
+            build_model(mcfg)(x, torch.zeros(1), torch.zeros(1, 1, mcfg.caption_dim), cfg.mask_ratio)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"--model={cfg.model} (with --model_args/--latent_size): {str(e).splitlines()[0]}") \
+            from None
+    split_batch(cfg, world or int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def model_config(cfg):
@@ -195,20 +286,6 @@ def lr_at(step, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def measure_peak_flops(device, dtype, n=2048, seconds=1.0):
-    """Achieved FLOP/s of a large square matmul: the denominator of MFU on this machine."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0, k = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        k += 1
-    sync()
-    return 2 * n ** 3 * k / (time.perf_counter() - t0)
-
-
 def step_seed(seed, step, stream):
     """A 63-bit seed that is a pure function of (seed, step, stream): the randomness of a step never depends
     on the steps before it, so a resumed run needs no RNG state to replay it exactly."""
@@ -216,22 +293,6 @@ def step_seed(seed, step, stream):
 
 # -----------------------------------------------------------------------------
 # setup, step by step
-
-
-def setup_distributed(cfg):
-    """(ddp, rank, world, device): torchrun sets RANK and WORLD_SIZE; `python train.py` is one process."""
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    if cfg.device == "auto":
-        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return ddp, rank, world, device
 
 
 def split_batch(cfg, world):
@@ -242,30 +303,34 @@ def split_batch(cfg, world):
     micro_batch = cfg.batch_size // (grad_accum * world) if grad_accum > 0 else 0  # per rank and forward pass
     if (not micro_batch or micro_batch * grad_accum * world != cfg.batch_size
             or cfg.micro_batch not in (0, micro_batch)):
-        raise ValueError(f"batch_size={cfg.batch_size} does not split into world size {world} x grad_accum x "
-                         f"micro-batch (grad_accum={cfg.grad_accum}, micro_batch={cfg.micro_batch}; "
+        raise ValueError(f"--batch_size={cfg.batch_size} does not split into world size {world} x grad_accum "
+                         f"x micro-batch (grad_accum={cfg.grad_accum}, micro_batch={cfg.micro_batch}; "
                          f"see TrainConfig)")
     lanes = cfg.data_lanes or world
     if lanes % world or cfg.batch_size % lanes:
-        raise ValueError(f"data_lanes={lanes} must be a multiple of the world size {world} and divide "
+        raise ValueError(f"--data_lanes={lanes} must be a multiple of the world size {world} and divide "
                          f"batch_size={cfg.batch_size}")
     return grad_accum, micro_batch, lanes
 
 
 def prepare_data(cfg, mcfg, master, ddp):
-    """The dataset's index.json; the built-in dataset is written on first use, sized for the model."""
-    if cfg.dataset not in ("shapes", "shards"):
-        raise ValueError(f"--dataset must be 'shapes' or 'shards', got {cfg.dataset!r}")
+    """The dataset's index.json, its shards checked against it; the built-in dataset is written on first use,
+    sized for the model, in a folder named by everything that defines it."""
     if cfg.dataset == "shapes":  # the built-in images are the latents: their size follows the model's
         res, text_dim = mcfg.latent_size, mcfg.caption_dim
-        cfg.data_dir = cfg.data_dir or (f"data_cache/shapes{res}" + (f"_d{text_dim}" * (text_dim != 64))
-                                        + (f"_ctx{cfg.text_context:g}" * (cfg.text_context != 0.7)))
+        cfg.data_dir = cfg.data_dir or (f"data_cache/shapes{res}_n{cfg.dataset_size}_seed{cfg.seed}"
+                                        f"_d{text_dim}_ctx{cfg.text_context:g}")
         if master:  # a no-op when the same dataset is already there; an error if a different one is
             data.make_shapes_dataset(cfg.data_dir, cfg.dataset_size, res=res, seed=cfg.seed,
                                      text_dim=text_dim, context=cfg.text_context)
         if ddp:
             dist.barrier()
     index = data.read_index(cfg.data_dir)
+    data.check_shards(cfg.data_dir, index)  # a missing or truncated shard now, not when training reaches it
+    lanes = cfg.data_lanes or int(os.environ.get("WORLD_SIZE", 1))  # shard streams, each split over workers
+    if len(index["shards"]) < lanes * max(1, cfg.num_workers):
+        raise ValueError(f"--num_workers={cfg.num_workers}: {cfg.data_dir} has {len(index['shards'])} "
+                         f"shards, too few for {lanes} data lanes x {max(1, cfg.num_workers)} workers: use fewer")
     C, H, W = index["latent_shape"]
     if (C, H) != (mcfg.latent_channels, mcfg.latent_size) or index["text_shape"][-1] != mcfg.caption_dim:
         raise ValueError(f"model {cfg.model} expects latents ({mcfg.latent_channels}, {mcfg.latent_size}, "
@@ -273,6 +338,37 @@ def prepare_data(cfg, mcfg, master, ddp):
                          f"holds latents {tuple(index['latent_shape'])} and captions "
                          f"{tuple(index['text_shape'])}")
     return index
+
+
+def claim_out_dir(cfg):
+    """An out_dir holds one run. A fresh run where another run's checkpoints or log are is refused (or, with
+    --overwrite, that run is deleted); leftovers of interrupted writes (*.tmp) are removed."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    names = os.listdir(cfg.out_dir)
+    for name in names:
+        if name.endswith(".tmp"):
+            remove(os.path.join(cfg.out_dir, name))
+    ours = [n for n in names if re.fullmatch(r"ckpt-\d+(\.bad)?|log\.jsonl|samples-\d+\.png|curve\.png", n)]
+    if ours and cfg.overwrite:
+        for name in ours:
+            remove(os.path.join(cfg.out_dir, name))
+        print(f"--overwrite: deleted the run in {cfg.out_dir} ({len(ours)} files and folders)")
+    elif ours and not cfg.resume:
+        ckpts = list_checkpoints(cfg.out_dir)
+        held = f"checkpoints up to {os.path.basename(ckpts[0])}" if ckpts else "a log.jsonl"
+        raise ValueError(f"{cfg.out_dir} holds another run ({held}): continue it with --resume=auto, or "
+                         f"start this one in a new --out_dir, or pass --overwrite to delete that run")
+
+
+def keep_log_until(cfg, step):
+    """log.jsonl belongs to this run: records after the step it (re)starts from, of an interrupted part
+    that is now being redone, are dropped."""
+    path = os.path.join(cfg.out_dir, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with atomic_write(path) as tmp, open(tmp, "w") as f:
+            f.writelines(keep)
 
 
 def start(cfg, net, ema, opt, master, ddp, device):
@@ -284,10 +380,11 @@ def start(cfg, net, ema, opt, master, ddp, device):
             try:
                 found = "resumed from", folder, read_checkpoint(folder)
                 break
-            except Exception as e:  # a truncated or corrupt file: say which, fall back to the previous one
+            except (ValueError, OSError) as e:  # a truncated or corrupt file: say which, fall back
                 if master:
                     print(f"warning: checkpoint {folder} does not load ({type(e).__name__}: {e}); "
-                          f"trying an older one")
+                          f"moved aside as {folder}.bad, trying an older one")
+                    os.replace(folder, folder + ".bad")  # so that pruning by step never prefers it
     elif cfg.resume:
         found = "resumed from", cfg.resume, read_checkpoint(cfg.resume)
     if found is None and cfg.init_from:
@@ -295,7 +392,7 @@ def start(cfg, net, ema, opt, master, ddp, device):
         found = "started from", folder, read_checkpoint(folder, full=cfg.init_state)
     step, samples, skipped = 0, 0, 0
     if found is None and cfg.resume == "auto" and master:
-        print(f"no checkpoint in {cfg.out_dir}: starting fresh")
+        print(f"no checkpoint in {cfg.out_dir} to resume: starting fresh")
     if found is not None:
         how, folder, ckpt = found
         state = load_checkpoint(ckpt, folder, net, ema, opt)
@@ -307,8 +404,10 @@ def start(cfg, net, ema, opt, master, ddp, device):
         agreed = torch.tensor([step, -step], device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         if agreed.sum() != 0:
-            raise RuntimeError(f"rank {dist.get_rank()} starts at step {step}, another rank does not: "
-                               f"is {cfg.out_dir} shared?")
+            raise RunError(f"rank {dist.get_rank()} starts at step {step}, another rank does not: "
+                           f"is {cfg.out_dir} shared?")
+    if master:
+        keep_log_until(cfg, step)
     return step, samples, skipped
 
 
@@ -320,12 +419,39 @@ def make_loaders(cfg, rank, world, lanes, samples):
     per_lane = cfg.batch_size // lanes
     # the loaders get their own generator: drawing their seed from the global RNG would shift a resumed run's
     # noise
-    return [iter(torch.utils.data.DataLoader(
+    loaders = [iter(torch.utils.data.DataLoader(
         data.ShardStream(cfg.data_dir, seed=cfg.seed, rank=lane, world_size=lanes,
                          shuffle_buffer=cfg.shuffle_buffer, start=samples // lanes, batch_size=per_lane),
         batch_size=per_lane, num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(cfg.seed)))
         for lane in range(rank * lanes // world, (rank + 1) * lanes // world)]
+    LOADERS.update(loaders)
+    return loaders
+
+
+LOADERS = weakref.WeakSet()  # this process's DataLoader iterators, stopped by main() when a run fails
+
+
+class StopSignals:
+    """SIGTERM or Ctrl-C (a preemption, a user): said at once, then the step is finished, a checkpoint written
+    and the run exits 0. A second Ctrl-C stops at once, without a checkpoint (KeyboardInterrupt)."""
+
+    def __init__(self, master, next_step):
+        self.master, self.next_step, self.requested = master, next_step, False
+        self.handlers = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(self, sig, frame):
+        if self.requested and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.master:
+            again = "; press Ctrl-C again to stop without one" if sig == signal.SIGINT else ""
+            print(f"\n{signal.Signals(sig).name}: finishing step {self.next_step()}, then writing a "
+                  f"checkpoint{again}", flush=True)
+
+    def restore(self):
+        for sig, handler in self.handlers.items():  # signals act as usual again
+            signal.signal(sig, handler)
 
 
 def ignore_stop_signals(worker_id):
@@ -386,7 +512,7 @@ def report_bad_step(cfg, step, bad_in_row, master):
         print(f"step {step + 1:6d} | non-finite loss or gradient: skipped ({bad_in_row} in a row)",
               flush=True)
     if bad_in_row >= cfg.max_bad_steps:
-        raise RuntimeError(f"step {step + 1}: {bad_in_row} steps in a row with a non-finite loss or gradient "
+        raise RunError(f"step {step + 1}: {bad_in_row} steps in a row with a non-finite loss or gradient "
                            f"(max_bad_steps={cfg.max_bad_steps}); stopping. The checkpoints in {cfg.out_dir} "
                            f"hold finite weights: lower lr or grad_clip, check the data, then resume")
 
@@ -407,10 +533,12 @@ def forward_backward(cfg, D, x, y, sigma, noise, mask_ratio, micro_batch, grad_a
 
 
 class Meter:
-    """What happened since the last log line (mean loss of the good steps, time, FLOPs), then the line."""
+    """What happened since the last log line (mean loss of the good steps, time, FLOPs), then the line with
+    the step, of how many, and the time left at the pace so far (evaluations and checkpoints left out)."""
 
     def __init__(self, cfg, peak, world, device):
         self.cfg, self.peak, self.world, self.device = cfg, peak, world, device
+        self.train_s, self.steps = 0.0, 0  # the pace of this run so far
         self.reset()
 
     def reset(self):
@@ -427,11 +555,14 @@ class Meter:
             dist.all_reduce(loss)
             loss /= self.world
         dt = (time.perf_counter() - self.t0) / self.n
+        self.train_s, self.steps = self.train_s + dt * self.n, self.steps + self.n
         if master:
             ips, mfu = cfg.batch_size / dt, self.flops / (dt * self.n) / self.world / self.peak
-            print(f"step {step:6d} | loss {loss.item():.4f} | lr {lr_at(step - 1, cfg):.2e} | "
-                  f"{dt * 1000:.0f} ms/step | {ips:.0f} img/s | MFU {mfu:.1%}"
-                  + (f" | skipped {skipped}" if skipped else ""), flush=True)
+            eta = round((cfg.max_steps - step) * self.train_s / self.steps)
+            print(f"step {step:6d}/{cfg.max_steps} | loss {loss.item():.4f} | lr {lr_at(step - 1, cfg):.2e}"
+                  f" | {dt * 1000:.0f} ms/step | {ips:.0f} img/s | MFU {mfu:.1%} | "
+                  f"ETA {eta // 60}m{eta % 60:02d}s" + (f" | skipped {skipped}" if skipped else ""),
+                  flush=True)
             log(cfg, {"step": step, "loss": loss.item(), "ms_per_step": dt * 1000, "img_per_s": ips,
                       "skipped": skipped})
         self.reset()
@@ -440,6 +571,9 @@ class Meter:
 @torch.no_grad()
 def evaluate(cfg, net, val, prompts, extra, step, device):
     """Validation loss at mask ratio 0, and held-out captions sampled and scored (with a sample grid)."""
+    n_val = 0 if val is None else min(cfg.val_n, len(val["latent"]))
+    sampled = f", {len(prompts)} captions sampled ({cfg.eval_steps} Heun steps) and scored" if prompts else ""
+    print(f"step {step:6d} | evaluating: validation loss on {n_val} images{sampled}", flush=True)
     with torch.random.fork_rng():  # evaluation must not shift the training RNG stream
         torch.manual_seed(1234)
         D, results = Denoiser(net, cfg.sigma_data), {}
@@ -451,8 +585,7 @@ def evaluate(cfg, net, val, prompts, extra, step, device):
                 losses.append(edm_loss(D, x[i:i + 64], y[i:i + 64], sigma, torch.randn_like(x[i:i + 64])))
             results["val_loss"] = float(torch.stack(losses).mean())
         if prompts:
-            images = generate(D, extra, prompts, seed=0, steps=cfg.eval_steps, guidance=cfg.eval_guidance,
-                              progress=False)
+            images = generate(D, extra, prompts, seed=0, steps=cfg.eval_steps, guidance=cfg.eval_guidance)
             image_grid(images[:64], cols=8).save(os.path.join(cfg.out_dir, f"samples-{step:07d}.png"))
             results.update({f"acc_{k}": v for k, v in shapes.score(images, prompts).items()})
     return results
@@ -461,14 +594,14 @@ def evaluate(cfg, net, val, prompts, extra, step, device):
 def save_checkpoint(cfg, net, ema, opt, extra, state):
     """Write ckpt-<step> atomically, then keep only the newest keep_ckpts."""
     if not all(torch.isfinite(p).all() for p in net.parameters()):
-        raise RuntimeError(f"step {state['step']}: non-finite weights; not writing a checkpoint")
+        raise RunError(f"step {state['step']}: non-finite weights; not writing a checkpoint")
     path = os.path.join(cfg.out_dir, f"ckpt-{state['step']:07d}")
     with atomic_write(path) as tmp:
         os.makedirs(tmp)
         save_pretrained(tmp, net, ema, extra)
         save_train_state(tmp, opt, state)
-    for old in list_checkpoints(cfg.out_dir)[cfg.keep_ckpts:]:
-        remove(old)
+    for old in [c for c in list_checkpoints(cfg.out_dir) if c != path][cfg.keep_ckpts - 1:]:
+        remove(old)  # never the checkpoint just written
     return path
 
 
@@ -481,10 +614,14 @@ def log(cfg, record):
 
 
 def train(cfg):
-    ddp, rank, world, device = setup_distributed(cfg)
+    check_config(cfg)
+    ddp, rank, world, device = setup_distributed(cfg.device)
     master, bf16 = rank == 0, device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    torch.set_num_threads(cfg.threads or default_threads())
     grad_accum, micro_batch, lanes = split_batch(cfg, world)
     mcfg = model_config(cfg)
+    if master:
+        claim_out_dir(cfg)
     index = prepare_data(cfg, mcfg, master, ddp)
     if master:
         print("config:", json.dumps(asdict(cfg)))
@@ -494,7 +631,11 @@ def train(cfg):
     mask_at = lambda step: 0.0 if step >= cfg.max_steps - cfg.unmasked_steps else cfg.mask_ratio
     flops_at = {m: flops_per_image(mcfg, m, caption_len=index["text_shape"][0])  # per image, train step
                 for m in (cfg.mask_ratio, 0.0)}
-    peak = cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    measured = None if cfg.peak_flops else measure_peak_flops(device, dtype)
+    peak = cfg.peak_flops or measured
+    if master and (warning := busy_warning(device, dtype, measured, torch.get_num_threads())):
+        print(warning, flush=True)
     if master:
         print_plan(cfg, net, flops_at, mask_at, step, device, bf16, peak, world, grad_accum, micro_batch,
                    lanes)
@@ -508,11 +649,7 @@ def train(cfg):
     extra = checkpoint_config(cfg, index["meta"], prompts)
     state = lambda: {"step": step, "samples": samples, "skipped": skipped, "config": asdict(cfg)}
 
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    stop = []  # SIGTERM / SIGINT: finish this step, checkpoint, exit 0
-    handlers = {sig: signal.signal(sig, lambda *_: stop.append(True))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = StopSignals(master, lambda: step + 1)
     gen = torch.Generator(device=device)  # seeded alike on every rank: the noise of the global batch
     meter, bad_in_row, stopping = Meter(cfg, peak, world, device), 0, False
     t_start, step_start = time.perf_counter(), step
@@ -536,7 +673,7 @@ def train(cfg):
         bad = ~loss.isfinite()
         if cfg.grad_clip > 0:  # the norm of the all-reduced gradient: the same on every rank
             bad |= ~torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip).isfinite()
-        flags = torch.stack([torch.tensor(float(bool(stop)), device=device), bad.float()])
+        flags = torch.stack([torch.tensor(float(stop.requested), device=device), bad.float()])
         if ddp:  # a signal may reach the ranks at different steps: they all stop (or skip) at the same one
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stopping, bad = (bool(f) for f in flags.tolist())
@@ -552,7 +689,7 @@ def train(cfg):
         meter.add(loss, not bad, flops_at[mask_at(step)] * cfg.batch_size)
         step, samples = step + 1, samples + cfg.batch_size
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or step == cfg.max_steps or step == step_start + 1:  # a first line now
             meter.log(step, skipped, ddp, master)
         if master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             results = evaluate(cfg, ema or net, val, prompts, extra, step, device)
@@ -564,20 +701,23 @@ def train(cfg):
             save_checkpoint(cfg, net, ema, opt, extra, state())
             meter.t0 = time.perf_counter()
 
-    for sig, handler in handlers.items():  # signals act as usual again
-        signal.signal(sig, handler)
+    stop.restore()
     if master:
         finish(cfg, net, ema, opt, val, prompts, extra, state(), stopping, time.perf_counter() - t_start,
                step - step_start, device)
-    if ddp:
+    if ddp:  # the ranks tear down together, DDP's reducer before the process group it uses (gloo can hang)
+        dist.barrier()
+        del D, model
         dist.destroy_process_group()
 
 
 def finish(cfg, net, ema, opt, val, prompts, extra, state, stopped, train_s, steps_here, device):
-    """The end of a run on rank 0: the final evaluation, in the log and the model card; the upload."""
+    """The end of a run on rank 0: the final evaluation, in the log and the model card; the loss curve; the
+    upload."""
     step = state["step"]
     if stopped:
-        print(f"stopped by signal at step {step}; checkpoint written, resume with --resume=auto", flush=True)
+        print(f"stopped by signal at step {step}; checkpoint written, the same command with --resume=auto "
+              f"continues it", flush=True)
         return
     final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
     if not os.path.isdir(final):  # --max_steps=0: the initial weights are the result
@@ -587,13 +727,30 @@ def finish(cfg, net, ema, opt, val, prompts, extra, state, stopped, train_s, ste
           + " ".join(f"{k} {v:.3f}" for k, v in results.items()))
     log(cfg, {"step": step, "final": True, "train_s": train_s, **results})
     add_results(final, results)  # the model card states what was measured
+    plot_run(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "curve.png"))
     if cfg.push_to_hub:
-        print(f"uploaded {final} to the Hub: {push_to_hub(final, cfg.push_to_hub)}")
+        try:
+            print(f"uploaded {final} to the Hub: {push_to_hub(final, cfg.push_to_hub)}")
+        except Exception as e:  # the run is done and saved: say how to upload it later
+            raise RunError(f"--push_to_hub={cfg.push_to_hub}: the upload failed ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}); {final} is complete, upload it later with "
+                           f"checkpoint.push_to_hub") from None
+
+
+def main(argv):
+    if {"-h", "--help"} & set(argv):
+        return print_help()
+    try:
+        return train(load_config(argv))
+    except KeyboardInterrupt:  # the second Ctrl-C
+        message = "stopped without a checkpoint; the newest one in out_dir is kept"
+    except (ValueError, OSError, RunError) as e:  # bad input, a damaged file, a full disk: one line
+        # (a DataLoader worker's error arrives as "Caught ValueError in DataLoader worker..." + its traceback)
+        message = "error: " + str(e).strip().splitlines()[-1 if str(e).startswith("Caught ") else 0]
+    for it in list(LOADERS):  # a failed run's DataLoader workers ignore SIGTERM: stop them, or the exit waits
+        getattr(it, "_shutdown_workers", lambda: None)()  # for them forever (torch has no public close)
+    sys.exit(f"train.py: {message}")
 
 
 if __name__ == "__main__":
-    try:
-        cfg = load_config(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # a typo in a key or a file: one line, not a traceback
-        sys.exit(f"train.py: error: {e}")
-    train(cfg)
+    main(sys.argv[1:])
