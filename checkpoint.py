@@ -261,8 +261,8 @@ def resolve_checkpoint(ref):
         path = snapshot_download(repo, allow_patterns=CHECKPOINT_FILES)
     except (RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
             HFValidationError, OSError) as e:
-        raise FileNotFoundError(f"cannot fetch {ref!r} from the Hub: {type(e).__name__}{offline_hint()}") \
-            from None
+        raise FileNotFoundError(f"no checkpoint at {ref!r}: no such local folder, and not on the Hub as a "
+                                f"repo id ({type(e).__name__}){offline_hint()}") from None
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"Hub repo {repo} has no config.json: not a checkpoint of this project")
     return path

@@ -642,6 +642,8 @@ def fid_main(argv):
     for path in args.paths:  # before any weights are fetched
         if not (path.endswith(".npz") and Path(path).is_file()) and not Path(path).is_dir():
             p.error(f"{path} is neither a folder of images nor an existing .npz statistics file")
+        if Path(path).is_dir() and len(list_images(path)) < 2:
+            p.error(f"{path}: FID needs at least 2 images to estimate a covariance")
     torch.backends.cudnn.allow_tf32 = False  # TF32 convs would shift FID; the reference numbers are float32
     loaded = {path: load_stats(path) for path in args.paths if path.endswith(".npz")}
     modes = [loaded[path][2] if path in loaded else args.resize for path in args.paths]  # folders: --resize

@@ -763,6 +763,8 @@ def main(argv=None):
             p.exit(2, f"scaling.py: error: {e}\n")
     elif args.cmd == "ablate":
         tables = [t for t in args.tables.split(",") if t]
+        if unknown := [t for t in tables if t not in ABLATION_TABLES]:
+            p.error(f"ablate: unknown --tables {unknown}; choose from {', '.join(ABLATION_TABLES)}")
         try:
             if not args.report:
                 if not all(x.strip().isdigit() for x in args.seeds.split(",")):
