@@ -4,28 +4,36 @@ Benchmarks, one function each, one printed line each (two with its profile when 
     python bench.py                      # everything, on all cores
     python bench.py masking compile      # some of them
     python bench.py --threads=1 mfu      # on a shared machine one thread gives steadier numbers
+    python bench.py gpu [--out=results/bench_gpu.json]   # one GPU: largest batch, images/s, MFU, memory
 
-Every ratio is measured side by side in one run: the timed calls of the things compared are interleaved
-(A B A B ...) and the best of each is kept, so a load change on a shared machine hits both alike.
+"Everything" is the CPU-sized benchmarks; `gpu` runs only when named (on a machine without CUDA it runs tiny
+stand-ins, which keep its path working). Every ratio is measured side by side in one run: the timed calls of
+the things compared are interleaved (A B A B ...) and the best of each is kept, so a load change on a shared
+machine hits both alike.
 """
+import copy
+import gc
+import json
 import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 import data
-from checkpoint import save_pretrained
+from checkpoint import atomic_write, save_pretrained
 from diffusion import Denoiser, drop_captions, edm_loss, training_noise
 from encoders import PIXELS, load_encoders
 from fid import InceptionV3
-from model import MicroDiTConfig, build_model, flops_per_image, param_count
-from parallel import measure_peak_flops
+from memory import config_at, measure
+from model import MicroDiTConfig, build_model, flops_per_image, get_config, param_count
+from parallel import checkpoint_blocks, measure_peak_flops
 from sample import edm_sampler, sample_to_folder
 from shapes import heldout_captions
 
@@ -226,17 +234,17 @@ SAMPLING = {"text_encoder": {"type": "builtin", "dim": 64, "max_len": 24, "conte
 
 
 def peak_rss_mb(argv, threads):
-    """Peak resident memory (MB) of a fresh `python sample.py argv...`, read from the kernel's rusage of that
-    one child (ru_maxrss, KB on Linux): the process is measured whole, torch's own allocations included."""
+    """Peak resident memory (MB) of a fresh `python argv...`, read from the kernel's rusage of that one child
+    (ru_maxrss, KB on Linux): the process is measured whole, torch's own allocations included."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.py")
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: a full pipe would block the child
-        p = subprocess.Popen([sys.executable, script, *argv], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        p = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=err,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
         _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage; Popen.wait would not give it
         p.returncode = os.waitstatus_to_exitcode(status)
         if p.returncode:
             err.seek(0)
-            raise RuntimeError(f"sample.py {' '.join(argv)} failed: {err.read().decode()[-500:]}")
+            raise RuntimeError(f"python {' '.join(argv)[:200]} failed: {err.read().decode()[-500:]}")
     return usage.ru_maxrss / 1024
 
 
@@ -265,8 +273,8 @@ def bench_sampling(n_mem=32):
         for n in (n_mem, 10 * n_mem):
             with open(f"{root}/p{n}.txt", "w") as f:
                 f.write("".join(p + "\n" for p in prompts[:n]))
-            argv = ["--ckpt", f"{root}/ckpt", "--prompts-file", f"{root}/p{n}.txt", "--out", f"{root}/out{n}",
-                    "--steps", "1", "--batch-size", "32"]
+            argv = ["sample.py", "--ckpt", f"{root}/ckpt", "--prompts-file", f"{root}/p{n}.txt", "--out",
+                    f"{root}/out{n}", "--steps", "1", "--batch-size", "32"]
             rss[n] = peak_rss_mb(argv, torch.get_num_threads())
     ratio = rss[10 * n_mem] / rss[n_mem]
     return (f"sampling: {' / '.join(f'{speed[b]:.2f}' for b in speed)} images/s at batch 1 / 8 / 32 "
@@ -274,6 +282,203 @@ def bench_sampling(n_mem=32):
             f"threads); peak RSS of a fresh sample.py {rss[n_mem]:.0f} MB for {n_mem} prompts vs "
             f"{rss[10 * n_mem]:.0f} MB for {10 * n_mem}: {ratio:.3f}x [target < 1.2: "
             f"{'met' if ratio < 1.2 else 'MISSED'}]")
+
+
+ACT_CKPT_STEP = """
+import sys, torch, bench, parallel
+net, x, y = bench.bench_model()
+x, y = x.repeat(4, 1, 1, 1), y.repeat(4, 1, 1)  # batch 64: activations well above the weights
+if sys.argv[1] == "ckpt":
+    parallel.checkpoint_blocks(net)
+bench.train_step(net, x, y, 0.75)()
+"""
+
+
+def bench_act_ckpt():
+    """Activation checkpointing of each block (train.py --act_ckpt=true) against none, on the bench model at
+    mask 0.75: the step time side by side, and the peak memory of a fresh process taking one step (batch
+    64)."""
+    net, x, y = bench_model()
+    ckpt = copy.deepcopy(net)
+    checkpoint_blocks(ckpt)
+    plain_s, ckpt_s = compare([train_step(net, x, y, 0.75), train_step(ckpt, x, y, 0.75)], iters=3)
+    rss = {m: peak_rss_mb(["-c", ACT_CKPT_STEP, m], torch.get_num_threads()) for m in ("plain", "ckpt")}
+    return (f"act_ckpt: step {1000 * plain_s:.0f} ms without vs {1000 * ckpt_s:.0f} ms with activation "
+            f"checkpointing ({ckpt_s / plain_s:.2f}x the time; batch {BATCH}, mask 0.75); peak RSS of one "
+            f"step at batch 64: {rss['plain']:.0f} MB vs {rss['ckpt']:.0f} MB "
+            f"({1 - rss['ckpt'] / rss['plain']:.0%} less)")
+
+
+# --- one GPU: python bench.py gpu ---------------------------------------------------------------------------
+
+# bf16 dense tensor-core FLOP/s by a word of the device's name, the first match wins (NVIDIA's datasheets;
+# their "with sparsity" figures are twice these). H100 PCIe and NVL parts peak lower: measured instead (None).
+GPU_PEAKS = [("A100", "A100", 312e12), ("H100 PCIe", None, None), ("NVL", None, None),
+             ("H100", "H100 SXM", 989.4e12), ("H200", "H200", 989.4e12)]
+GPU_CASES = [  # (row, preset, resolution in pixels, mask ratio): the MicroDiT recipe's stages, Paper B's SDXL
+    ("MicroDiT_XL_2 256px mask 0.75", "MicroDiT_XL_2", 256, 0.75),
+    ("MicroDiT_XL_2 256px mask 0", "MicroDiT_XL_2", 256, 0.0),
+    ("MicroDiT_XL_2 512px mask 0.75", "MicroDiT_XL_2", 512, 0.75),
+    ("UNet_SDXL_C320 256px", "UNet_SDXL_C320", 256, 0.0),
+]
+CPU_STAND_INS = {"MicroDiT_XL_2": "MicroDiT_test", "UNet_SDXL_C320": "UNet_test"}  # tiny, fp32, on a CPU
+GPU_SEARCH, CPU_SEARCH = (8, 4096), (2, 4)  # batch search: first batch tried, largest batch tried
+GPU_CAPTION_LEN = 77  # OpenCLIP-H tokens
+
+
+def gpu_peak(device):
+    """(bf16 peak FLOP/s, where it comes from): the datasheet figure of a known GPU, else a measured matmul;
+    on a CPU the measured fp32 matmul (the stand-ins run in fp32)."""
+    if device.type != "cuda":
+        peak = measure_peak_flops(device, torch.float32)
+        return peak, f"measured fp32 matmul peak of this CPU, {peak / 1e9:.0f} GFLOP/s"
+    name = torch.cuda.get_device_name(device)
+    label, peak = next(((label, peak) for key, label, peak in GPU_PEAKS if key in name), (None, None))
+    if peak:
+        return peak, f"{label} bf16 dense datasheet peak, {peak / 1e12:.1f} TFLOP/s"
+    peak = measure_peak_flops(device, torch.bfloat16, n=8192)  # a matmul large enough to fill the GPU
+    return peak, f"measured bf16 matmul peak of this {name} (not in GPU_PEAKS), {peak / 1e12:.1f} TFLOP/s"
+
+
+def case_config(preset, res, cuda):
+    """The config of a case: on a GPU the preset at `res` (SDXL VAE latents res/8); on a CPU its tiny
+    stand-in, its latents scaled alike (512px: twice the size, MicroDiT keeping 256px's position range)."""
+    if cuda:
+        return config_at(preset, res)
+    cfg = get_config(CPU_STAND_INS[preset])
+    scale = res // 256
+    extra = {"pos_interp_scale": float(scale)} if isinstance(cfg, MicroDiTConfig) else {}
+    return replace(cfg, latent_size=cfg.latent_size * scale, **extra)
+
+
+def step_at(net, opt, cfg, mask_ratio, device, bf16):
+    """step(batch): one training step (bench's train_step) on a fresh random batch of `batch` images."""
+    def step(batch):
+        opt.zero_grad(set_to_none=True)  # a step that ran out of memory in backward may have left gradients
+        x = torch.randn(batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size, device=device)
+        y = torch.randn(batch, GPU_CAPTION_LEN, cfg.caption_dim, device=device)
+        train_step(net, x, y, mask_ratio, bf16, opt)()
+    return step
+
+
+def runs(step, batch):
+    """True if a step at `batch` images runs, False if the GPU runs out of memory (its cache then emptied)."""
+    try:
+        step(batch)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        pass  # out of the except block first: its traceback holds the failed step's tensors
+    gc.collect()
+    torch.cuda.empty_cache()
+    return False
+
+
+def largest_batch(step, start, limit):
+    """The largest batch that runs: double from `start` until out of memory (or `limit`), then bisect down to
+    1/16 of the batch (each probe is a training step); 0 if even `start` does not run."""
+    lo, hi, b = 0, None, start
+    while hi is None and lo < limit:
+        if runs(step, b):
+            lo, b = b, min(2 * b, limit)
+        else:
+            hi = b
+    while hi is not None and hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if runs(step, mid) else (lo, mid)
+    return lo
+
+
+def measure_case(step, batch, device, iters):
+    """(seconds per step, peak bytes allocated or None on a CPU) at `batch` images, best of `iters` steps."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dt = timed(lambda: (step(batch), sync()), warmup=1, iters=iters)
+    return dt, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def planned_bytes(cfg, batch, mask_ratio, bf16):
+    """memory.py's bytes for this step: fp32 weights, gradients and AdamW moments (no EMA here), autocast's
+    bf16 weight copies and the activations saved for backward (measured on the meta device, eager)."""
+    m = measure(cfg, batch, mask_ratio, bf16)
+    return 16 * m["params"] + m["weight_copies"] + m["activations"]
+
+
+def gpu_row(case, cfg, compiled, batch, dt, peak_bytes, peak, planned, compile_s):
+    """One row of bench_gpu.json."""
+    name, preset, res, mask_ratio = case
+    flops = flops_per_image(cfg, mask_ratio, caption_len=GPU_CAPTION_LEN)
+    return {"case": name, "model": preset if cfg.latent_channels == 4 else CPU_STAND_INS[preset],
+            "res": res, "latent_size": cfg.latent_size, "mask_ratio": mask_ratio, "compiled": compiled,
+            "batch": batch, "step_s": dt, "images_per_s": batch / dt, "train_flops_per_image": flops,
+            "mfu": flops * batch / dt / peak, "planned_gb": planned / 1e9, "compile_s": compile_s,
+            "peak_memory_gb": None if peak_bytes is None else peak_bytes / 1e9}
+
+
+def bench_case(case, device, peak):
+    """Eager and compiled rows of a case: the largest batch found by search, its images/s, MFU and memory."""
+    _, preset, res, mask_ratio = case
+    cuda = device.type == "cuda"
+    torch._dynamo.reset()  # each case compiles from scratch (its compile time is its own) and the previous
+    gc.collect()           # case's network, optimizer and compiled graphs leave the GPU
+    if cuda:
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    cfg = case_config(preset, res, cuda)
+    net = build_model(cfg).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
+    step = step_at(net, opt, cfg, mask_ratio, device, bf16=cuda)
+    search = GPU_SEARCH if cuda else CPU_SEARCH
+    batch = largest_batch(step, *search)
+    if batch == 0:
+        raise RuntimeError(f"bench.py gpu: {case[0]}: not even {search[0]} images fit on this device")
+    planned = planned_bytes(cfg, batch, mask_ratio, cuda)
+    iters = 3 if cuda else 1
+    rows = [gpu_row(case, cfg, False, batch, *measure_case(step, batch, device, iters), peak, planned, None)]
+    # Compiled: inductor on a GPU; aot_eager on a CPU, where building inductor's C++ kernels would make the
+    # stand-ins' test take minutes. Each new batch size recompiles, so the compiled step runs at the eager
+    # search's batch (inductor's graphs usually save less for backward than eager), searching down from
+    # there only if that runs out of memory.
+    compiled = torch.compile(net, backend="inductor" if cuda else "aot_eager")
+    step_c = step_at(compiled, opt, cfg, mask_ratio, device, bf16=cuda)
+    t0 = time.perf_counter()
+    batch_c = batch if runs(step_c, batch) else largest_batch(step_c, search[0], batch)
+    compile_s = time.perf_counter() - t0  # the first step (or the search): dominated by compiling
+    if batch_c != batch:
+        planned = planned_bytes(cfg, batch_c, mask_ratio, cuda)
+    dt, peak_bytes = measure_case(step_c, batch_c, device, iters)
+    rows.append(gpu_row(case, cfg, True, batch_c, dt, peak_bytes, peak, planned, compile_s))
+    return rows
+
+
+def bench_gpu(out="results/bench_gpu.json"):
+    """python bench.py gpu: a training step of MicroDiT_XL_2 (256px at mask 0.75 and 0, 512px) and of
+    UNet_SDXL_C320 on one GPU in bf16 autocast, eager and compiled, at the largest batch that fits; on a
+    CPU the same path with tiny fp32 stand-ins. Prints a row per run and writes them to `out` (JSON)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    peak, source = gpu_peak(device)
+    what = (torch.cuda.get_device_name(device) if cuda else
+            f"CPU STAND-INS ({', '.join(sorted(set(CPU_STAND_INS.values())))} in fp32, batch search up to "
+            f"{CPU_SEARCH[1]}): no CUDA device here, so these rows only keep the path working")
+    print(f"gpu: {what}; MFU against the {source}", flush=True)
+    print(f"  {'case':31s} {'compiled':>8s} {'batch':>6s} {'images/s':>9s} {'MFU':>6s} {'peak GB':>8s} "
+          f"{'planned GB':>10s} {'compile s':>9s}", flush=True)
+    rows, t0 = [], time.perf_counter()
+    for case in GPU_CASES:
+        for r in bench_case(case, device, peak):
+            rows.append(r)
+            fmt = lambda v, f: "n/a" if v is None else format(v, f)
+            print(f"  {r['case']:31s} {'yes' if r['compiled'] else 'no':>8s} {r['batch']:6d} "
+                  f"{r['images_per_s']:9.1f} {r['mfu']:6.1%} {fmt(r['peak_memory_gb'], '8.3g'):>8s} "
+                  f"{r['planned_gb']:10.3g} {fmt(r['compile_s'], '9.0f'):>9s}", flush=True)
+    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "cpu_stand_in": not cuda,
+              "dtype": "bf16 autocast" if cuda else "fp32", "peak_flops": peak, "peak_source": source,
+              "torch": torch.__version__, "seconds": time.perf_counter() - t0, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with atomic_write(out) as tmp, open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    return f"gpu: {len(rows)} rows in {result['seconds']:.0f} s written to {out}"
 
 
 def cpu_has(*flags):
@@ -285,21 +490,30 @@ def cpu_has(*flags):
 
 
 BENCHMARKS = {"masking": bench_masking, "compile": bench_compile, "bf16": bench_bf16, "mfu": bench_mfu,
-              "data": bench_data, "sampler": bench_sampler, "fid": bench_fid, "sampling": bench_sampling}
+              "data": bench_data, "sampler": bench_sampler, "fid": bench_fid, "sampling": bench_sampling,
+              "act_ckpt": bench_act_ckpt, "gpu": bench_gpu}
+CPU_BENCHMARKS = [name for name in BENCHMARKS if name != "gpu"]  # what a bare `python bench.py` runs
 
 
 def main(argv):
+    if "--out" in argv[:-1]:  # `--out PATH` as well as `--out=PATH`
+        i = argv.index("--out")
+        argv = argv[:i] + [f"--out={argv[i + 1]}"] + argv[i + 2:]
     threads = [a for a in argv if a.startswith("--threads=")]
-    names = [a for a in argv if a not in threads]
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
+    names = [a for a in argv if a not in threads and not a.startswith("--out=")]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        sys.exit(f"bench.py: unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
+        sys.exit(f"bench.py: unknown benchmark(s) or flag(s) {unknown}; known: {list(BENCHMARKS)}, "
+                 "--threads=N, --out=PATH (gpu's JSON)")
+    if outs and names != ["gpu"]:
+        sys.exit("bench.py: --out names the gpu benchmark's JSON: `python bench.py gpu --out=PATH`")
     if threads:
         torch.set_num_threads(int(threads[-1].split("=")[1]))
     print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",
           flush=True)
-    for name in names or BENCHMARKS:
-        print(BENCHMARKS[name](), flush=True)
+    for name in names or CPU_BENCHMARKS:
+        print(BENCHMARKS[name](*outs[-1:]), flush=True)
 
 
 if __name__ == "__main__":

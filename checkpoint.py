@@ -305,9 +305,9 @@ def push_to_hub(folder, repo_id, private=False):
 # The training state: AdamW's moments in safetensors, step and data position in JSON
 
 
-def save_train_state(folder, opt, state):
-    sd = opt.state_dict()
-    save_file({f"opt.{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()},
+def save_train_state(folder, opt_state, state):
+    """AdamW's per-parameter state {param index: {"exp_avg", "exp_avg_sq", "step"}} and the run's state."""
+    save_file({f"opt.{i}.{k}": v.contiguous() for i, s in opt_state.items() for k, v in s.items()},
               os.path.join(folder, "state.safetensors"))
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump(state, f, indent=2)
@@ -327,19 +327,19 @@ def read_checkpoint(folder, full=True):
     return ckpt
 
 
-def load_checkpoint(ckpt, folder, net, ema, opt):
-    """Load what read_checkpoint returned; returns its state. pos_embed is a buffer computed from the model's
-    latent size and pos_interp_scale: this model's own is kept, so 256px weights can start a 512px model."""
+def load_checkpoint(ckpt, folder, net, ema):
+    """Load the weights of what read_checkpoint returned; returns (state, AdamW's per-parameter state or None)
+    for the optimizer, made later. pos_embed is a buffer computed from the model's latent size and
+    pos_interp_scale: this model's own is kept, so 256px weights can start a 512px model."""
     for sd, module in ((ckpt["model"], net), (ckpt["ema"] or ckpt["model"], ema)):
         if module is not None:
             if "pos_embed" in module.state_dict():
                 sd = {**sd, "pos_embed": module.pos_embed}
             load_state_dict(module, sd, folder)
-    if ckpt["opt"] is not None:
-        per_param = {}
-        for key, v in ckpt["opt"].items():  # "opt.<param index>.<exp_avg|exp_avg_sq|step>"
-            _, i, name = key.split(".", 2)
-            per_param.setdefault(int(i), {})[name] = v
-        # lr, betas and weight decay come from this run's config, not from the checkpoint's
-        opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
-    return ckpt["state"]
+    if ckpt["opt"] is None:
+        return ckpt["state"], None
+    per_param = {}
+    for key, v in ckpt["opt"].items():  # "opt.<param index>.<exp_avg|exp_avg_sq|step>"
+        _, i, name = key.split(".", 2)
+        per_param.setdefault(int(i), {})[name] = v
+    return ckpt["state"], per_param

@@ -1,15 +1,26 @@
 """
-The hardware a run uses: the processes (torchrun's ranks), the device of each, the CPU threads, and a check
-that the machine is not shared with another heavy job. Plain `python train.py` is one process; torchrun sets
-RANK, WORLD_SIZE and LOCAL_RANK and each rank joins the process group (gloo on CPU, nccl on CUDA).
+The hardware a run uses: the processes (torchrun's ranks) and the signals that stop them, the device of each,
+the CPU threads, and a check that the machine is not shared with another heavy job. Plain `python train.py`
+is one process; torchrun sets RANK, WORLD_SIZE and LOCAL_RANK and each rank joins the process group (gloo on
+CPU, nccl on CUDA). Beyond DDP: FSDP2 (each block's parameters, gradients and AdamW moments sharded over the
+ranks) and activation checkpointing, and the full (gathered) state that checkpoints hold whatever the sharding.
 """
+import contextlib
+import functools
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from model import Block, IFAttention, Resample, ResBlock, TransformerBlock
 
 CACHE = Path(os.environ.get("MICRODIT_CACHE", Path.home() / ".cache" / "microdit"))  # this machine's figures
 
@@ -52,6 +63,35 @@ def check_device(device):
     mps = kind == "mps" and torch.backends.mps.is_available()
     if kind not in ("auto", "cpu", "cuda") and not mps:
         raise ValueError(f"--device={device}: expected auto, cpu, cuda, cuda:N (or mps where available)")
+
+
+class StopSignals:
+    """SIGTERM or Ctrl-C (a preemption, a user): said at once, then the step is finished, a checkpoint written
+    and the run exits 0. A second Ctrl-C stops at once, without a checkpoint (KeyboardInterrupt)."""
+
+    def __init__(self, master, next_step):
+        self.master, self.next_step, self.requested = master, next_step, False
+        self.handlers = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(self, sig, frame):
+        if self.requested and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.master:
+            again = "; press Ctrl-C again to stop without one" if sig == signal.SIGINT else ""
+            print(f"\n{signal.Signals(sig).name}: finishing step {self.next_step()}, then writing a "
+                  f"checkpoint{again}", flush=True)
+
+    def restore(self):
+        for sig, handler in self.handlers.items():  # signals act as usual again
+            signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore SIGINT and SIGTERM: a signal to the whole process group (Ctrl-C, a cluster's
+    preemption) must not kill them while the main process finishes its step and writes its checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def measure_peak_flops(device, dtype, n=2048, seconds=1.0):
@@ -111,3 +151,78 @@ def busy_warning(device, dtype, measured, threads):
     return (f"warning: this CPU is shared ({what}); each process takes {threads} threads and the threads of "
             f"jobs side by side fight for the cores: give each job --threads=N so the jobs' N add up to "
             f"{os.cpu_count()} or less (README: two jobs side by side)")
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 and activation checkpointing. A block is a unit of both: MicroDiT's mixer and backbone blocks; the
+# UNet's ResBlocks, transformer blocks (IF: attention blocks) and resamplers (its levels are containers that
+# are never called, so they cannot be the unit; a SpatialTransformer is not one but its TransformerBlocks are:
+# SDXL's 10-deep middle one would be gathered and recomputed at once, a third of the network). The rest
+# (embeddings, caption path, final layer) is the root's.
+
+
+def blocks(net):
+    """(name, module) of every block of a network; none nests inside another."""
+    kinds = (Block, ResBlock, TransformerBlock, IFAttention, Resample)
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, kinds)]
+
+
+def shard(net, device, bf16):
+    """FSDP2 on each block, then on the root: between its forward and backward, a block's parameters are
+    gathered whole; the rest of the time each rank holds 1/world of them, of their gradients and AdamW's
+    moments. On CUDA with bf16: bf16 compute, fp32 gradient reduction (the weights stay fp32)."""
+    mixed = bf16 and device.type == "cuda"
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mixed else MixedPrecisionPolicy()
+    for _, block in blocks(net):
+        fully_shard(block, mp_policy=mp)
+    return fully_shard(net, mp_policy=mp)
+
+
+def checkpoint_blocks(net):
+    """Activation checkpointing: each block keeps only its input for the backward pass and recomputes its
+    activations then (non-reentrant; the module tree and state-dict names are unchanged)."""
+    for _, block in blocks(net):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def grad_sync(model, ddp, fsdp, sync):
+    """The context of a micro-batch's backward: gradients are reduced over the ranks on the last one only."""
+    if fsdp:
+        model.set_requires_gradient_sync(sync)
+    return model.no_sync() if ddp and not fsdp and not sync else contextlib.nullcontext()
+
+
+def full_weights(module, plain, fsdp, device):
+    """A module holding the full weights of `module`, for rank 0 to evaluate and save: the module itself, or
+    under FSDP `plain` (rank 0's unsharded copy) loaded with them. Under FSDP every rank must call this:
+    gathering the shards is a collective."""
+    if not fsdp or module is None:
+        return module
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                               cpu_offload=device.type == "cuda"))
+    if plain is not None:
+        plain.load_state_dict(sd)
+    return plain
+
+
+def full_optimizer_state(net, opt, fsdp, device):
+    """AdamW's state as checkpoints hold it, {param index: {exp_avg, exp_avg_sq, step}}, gathered whole under
+    FSDP (a collective: every rank calls it; the full tensors are on rank 0)."""
+    if not fsdp:
+        return opt.state_dict()["state"]
+    sd = get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=device.type == "cuda"))
+    index = {name: i for i, (name, _) in enumerate(net.named_parameters())}
+    return {index[name]: state for name, state in sd["state"].items()}
+
+
+def load_optimizer_state(net, opt, per_param, fsdp):
+    """Load a checkpoint's AdamW state (by param index) into this run's optimizer, sharded under FSDP. lr,
+    betas and weight decay come from this run's config, not from the checkpoint's."""
+    if not fsdp:
+        return opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
+    names = [name for name, _ in net.named_parameters()]
+    full = StateDictOptions(full_state_dict=True)
+    groups = get_optimizer_state_dict(net, opt, options=full)["param_groups"]
+    set_optimizer_state_dict(net, opt, {"state": {names[i]: s for i, s in per_param.items()},
+                                        "param_groups": groups}, options=full)

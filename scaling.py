@@ -33,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import memory
 from checkpoint import atomic_write
 from model import (PRESETS, UNET_PRESETS, IFAttention, SpatialTransformer, UNet, flops_per_image, get_config,
                    param_count)
@@ -741,6 +742,7 @@ def main(argv=None):
     a.add_argument("--train-args", default="",
                    help="extra train.py arguments for every run, e.g. '--eval_n=64'")
     a.add_argument("--report", action="store_true", help="only print the tables of --out")
+    memory.add_arguments(add("memory", "per-GPU memory of DDP, FSDP and FSDP + checkpointing: fits 80 GB?"))
     f = add("fit", "fit a sweep's results and plot them")
     f.add_argument("results", help="a sweep's results JSONL")
     f.add_argument("--plot", default=None, help="write a log-log PNG here")
@@ -778,6 +780,7 @@ def main(argv=None):
             print(ablation_tables(load_rows(args.out, ABLATION_KEYS), tables))
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             p.error(str(e))
+    elif args.cmd == "memory": memory.run(args, sub.choices["memory"])  # one line: the file is at 800 lines
     else:
         try:
             rows = load_rows(args.results, RESULT_KEYS, min_rows=3)

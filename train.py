@@ -13,14 +13,12 @@ default, then SIGKILL) above one step plus one checkpoint write.
 
 Reads top to bottom: the config, the setup steps as small functions, then train(): the loop.
 """
-import contextlib
 import copy
 import inspect
 import json
 import math
 import os
 import re
-import signal
 import sys
 import textwrap
 import time
@@ -39,7 +37,9 @@ from checkpoint import (add_results, atomic_write, list_checkpoints, load_checkp
                         read_checkpoint, remove, resolve_checkpoint, save_pretrained, save_train_state)
 from diffusion import Denoiser, drop_captions, edm_loss, sample_sigma, training_noise
 from model import PRESETS, build_model, flops_per_image, get_config, model_type, num_params
-from parallel import busy_warning, check_device, default_threads, measure_peak_flops, setup_distributed
+from parallel import (StopSignals, busy_warning, check_device, checkpoint_blocks, default_threads,
+                      full_optimizer_state, full_weights, grad_sync, ignore_stop_signals,
+                      load_optimizer_state, measure_peak_flops, setup_distributed, shard)
 from sample import generate, image_grid
 from scaling import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours, plot_run
 
@@ -99,6 +99,9 @@ class TrainConfig:
     bf16: typing.Optional[bool] = None  # bf16 autocast; None = on for CUDA, off for CPU (bf16 keeps fp32's
                                      # exponent range, so no GradScaler: fp16 autocast is not offered)
     compile: bool = False            # torch.compile the model
+    fsdp: bool = False               # FSDP2: shard weights, gradients, AdamW moments and EMA over the ranks
+                                     # (each block, then the root); checkpoints are the same files as DDP's
+    act_ckpt: bool = False           # activation checkpointing of each block: less memory, ~1/3 more compute
     seed: int = 0                    # initial weights, noise, data order and the built-in dataset's scenes
     threads: int = 0                 # CPU threads for torch; 0 = the cores this process may use, shared by
                                      # the ranks of one machine. Two jobs side by side: give each half
@@ -330,7 +333,8 @@ def prepare_data(cfg, mcfg, master, ddp):
     lanes = cfg.data_lanes or int(os.environ.get("WORLD_SIZE", 1))  # shard streams, each split over workers
     if len(index["shards"]) < lanes * max(1, cfg.num_workers):
         raise ValueError(f"--num_workers={cfg.num_workers}: {cfg.data_dir} has {len(index['shards'])} "
-                         f"shards, too few for {lanes} data lanes x {max(1, cfg.num_workers)} workers: use fewer")
+                         f"shards, too few for {lanes} data lanes x {max(1, cfg.num_workers)} workers: "
+                         f"use fewer")
     C, H, W = index["latent_shape"]
     if (C, H) != (mcfg.latent_channels, mcfg.latent_size) or index["text_shape"][-1] != mcfg.caption_dim:
         raise ValueError(f"model {cfg.model} expects latents ({mcfg.latent_channels}, {mcfg.latent_size}, "
@@ -371,9 +375,10 @@ def keep_log_until(cfg, step):
             f.writelines(keep)
 
 
-def start(cfg, net, ema, opt, master, ddp, device):
-    """(step, samples, skipped) after loading what starts this run. resume: this run's own full state,
-    "auto" the newest checkpoint of out_dir that loads; init_from: another run (a previous recipe stage)."""
+def start(cfg, net, ema, master, ddp, device):
+    """(step, samples, skipped, AdamW's state or None) after loading the weights that start this run. resume:
+    this run's own full state, "auto" the newest checkpoint of out_dir that loads; init_from: another run (a
+    previous recipe stage)."""
     found = None
     if cfg.resume == "auto":
         for folder in list_checkpoints(cfg.out_dir):
@@ -390,12 +395,12 @@ def start(cfg, net, ema, opt, master, ddp, device):
     if found is None and cfg.init_from:
         folder = resolve_checkpoint(cfg.init_from)
         found = "started from", folder, read_checkpoint(folder, full=cfg.init_state)
-    step, samples, skipped = 0, 0, 0
+    step, samples, skipped, opt_state = 0, 0, 0, None
     if found is None and cfg.resume == "auto" and master:
         print(f"no checkpoint in {cfg.out_dir} to resume: starting fresh")
     if found is not None:
         how, folder, ckpt = found
-        state = load_checkpoint(ckpt, folder, net, ema, opt)
+        state, opt_state = load_checkpoint(ckpt, folder, net, ema)
         if ckpt["opt"] is not None:
             step, samples, skipped = state["step"], state["samples"], state.get("skipped", 0)
         if master:
@@ -408,7 +413,7 @@ def start(cfg, net, ema, opt, master, ddp, device):
                            f"is {cfg.out_dir} shared?")
     if master:
         keep_log_until(cfg, step)
-    return step, samples, skipped
+    return step, samples, skipped, opt_state
 
 
 def make_loaders(cfg, rank, world, lanes, samples):
@@ -432,35 +437,6 @@ def make_loaders(cfg, rank, world, lanes, samples):
 LOADERS = weakref.WeakSet()  # this process's DataLoader iterators, stopped by main() when a run fails
 
 
-class StopSignals:
-    """SIGTERM or Ctrl-C (a preemption, a user): said at once, then the step is finished, a checkpoint written
-    and the run exits 0. A second Ctrl-C stops at once, without a checkpoint (KeyboardInterrupt)."""
-
-    def __init__(self, master, next_step):
-        self.master, self.next_step, self.requested = master, next_step, False
-        self.handlers = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def on_signal(self, sig, frame):
-        if self.requested and sig == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.master:
-            again = "; press Ctrl-C again to stop without one" if sig == signal.SIGINT else ""
-            print(f"\n{signal.Signals(sig).name}: finishing step {self.next_step()}, then writing a "
-                  f"checkpoint{again}", flush=True)
-
-    def restore(self):
-        for sig, handler in self.handlers.items():  # signals act as usual again
-            signal.signal(sig, handler)
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader workers ignore SIGINT and SIGTERM: a signal to the whole process group (Ctrl-C, a cluster's
-    preemption) must not kill them while the main process finishes its step and writes its checkpoint."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def print_plan(cfg, net, flops_at, mask_at, step, device, bf16, peak, world, grad_accum, micro_batch, lanes):
     """What this run is: the model, its FLOPs and price, the device and the batch arithmetic."""
     total = sum(flops_at[mask_at(s)] for s in range(step, cfg.max_steps)) * cfg.batch_size
@@ -477,14 +453,34 @@ def print_plan(cfg, net, flops_at, mask_at, step, device, bf16, peak, world, gra
 
 
 def build(cfg, mcfg, device, master):
-    """(net, ema, opt): the network, its EMA (on rank 0 only, the rank that evaluates and saves it), AdamW."""
+    """(net, ema): the network and its EMA: on rank 0 only (the rank that evaluates and saves it), or under
+    FSDP on every rank, to be sharded like the weights."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = build_model(mcfg).to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay > 0 and master else None
+    keep_ema = cfg.ema_decay > 0 and (master or cfg.fsdp)
+    return net, copy.deepcopy(net).eval().requires_grad_(False) if keep_ema else None
+
+
+def spread(cfg, net, ema, opt_state, device, bf16, ddp, master):
+    """(model, opt, plain): the network as it runs (activation checkpointing, FSDP or DDP, compile), AdamW
+    over its parameters (sharded under FSDP) with the state a checkpoint gave, and under FSDP rank 0's
+    unsharded copies (net, ema) that evaluation and checkpoints gather the weights into."""
+    plain = [copy.deepcopy(m).cpu() if cfg.fsdp and master and m is not None else None for m in (net, ema)]
+    if cfg.act_ckpt:
+        checkpoint_blocks(net)
+    if cfg.fsdp:
+        shard(net, device, bf16)
+        if ema is not None:
+            shard(ema, device, bf16)
     # fused: one kernel for all the parameters instead of several per tensor (on CPU too)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                             weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    return net, ema, opt
+    if opt_state is not None:
+        load_optimizer_state(net, opt, opt_state, cfg.fsdp)
+    model = torch.compile(net) if cfg.compile else net  # compile after .to(device), before the DDP wrap
+    if ddp and not cfg.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    return model, opt, plain
 
 
 def checkpoint_config(cfg, meta, prompts):
@@ -506,6 +502,19 @@ def update_ema(ema, net, step, decay):
         pe.lerp_(p.detach(), 1 - decay)
 
 
+def update(cfg, opt, net, ema, step, bad, bad_in_row, master):
+    """The optimizer step and the EMA's; a bad step (a non-finite loss or gradient) is skipped: no update of
+    the weights, the EMA or the optimizer, and the batch is passed over. Returns the bad steps in a row."""
+    if not bad:
+        opt.step()
+        if ema is not None:
+            update_ema(ema, net, step, cfg.ema_decay)
+    opt.zero_grad(set_to_none=True)
+    if bad:
+        report_bad_step(cfg, step, bad_in_row + 1, master)
+    return bad_in_row + 1 if bad else 0
+
+
 def report_bad_step(cfg, step, bad_in_row, master):
     """A skipped step is said; max_bad_steps of them in a row stop the run."""
     if master:
@@ -517,15 +526,21 @@ def report_bad_step(cfg, step, bad_in_row, master):
                            f"hold finite weights: lower lr or grad_clip, check the data, then resume")
 
 
+def mixed(cfg, device):
+    """FSDP on CUDA computes in bf16 through its mixed-precision policy, instead of autocast."""
+    return cfg.fsdp and device.type == "cuda"
+
+
 def forward_backward(cfg, D, x, y, sigma, noise, mask_ratio, micro_batch, grad_accum, ddp, bf16):
-    """The loss of this rank's part of the batch, its gradients accumulated over micro-batches; DDP
-    all-reduces them on the last micro-batch only."""
+    """The loss of this rank's part of the batch, its gradients accumulated over micro-batches; DDP and FSDP
+    reduce them over the ranks on the last micro-batch only."""
     loss = torch.zeros((), device=x.device)
     for i in range(0, len(x), micro_batch):
         mb = slice(i, i + micro_batch)
         sync = i + micro_batch == len(x) or not ddp
-        with (contextlib.nullcontext() if sync else D.net.no_sync()), \
-                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        autocast = bf16 and not mixed(cfg, x.device)
+        with grad_sync(D.net, ddp, cfg.fsdp, sync), \
+                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             micro_loss = edm_loss(D, x[mb], y[mb], sigma[mb], noise[mb], mask_ratio)
             (micro_loss / grad_accum).backward()
         loss += micro_loss.detach() / grad_accum
@@ -574,9 +589,10 @@ def evaluate(cfg, net, val, prompts, extra, step, device):
     n_val = 0 if val is None else min(cfg.val_n, len(val["latent"]))
     sampled = f", {len(prompts)} captions sampled ({cfg.eval_steps} Heun steps) and scored" if prompts else ""
     print(f"step {step:6d} | evaluating: validation loss on {n_val} images{sampled}", flush=True)
+    home = next(net.parameters()).device  # under FSDP rank 0's full copy waits on the CPU between uses
     with torch.random.fork_rng():  # evaluation must not shift the training RNG stream
         torch.manual_seed(1234)
-        D, results = Denoiser(net, cfg.sigma_data), {}
+        D, results = Denoiser(net.to(device), cfg.sigma_data), {}
         if val is not None and cfg.val_n > 0:
             x, y = val["latent"][:cfg.val_n].to(device), val["text"][:cfg.val_n].to(device)
             losses = []
@@ -588,10 +604,11 @@ def evaluate(cfg, net, val, prompts, extra, step, device):
             images = generate(D, extra, prompts, seed=0, steps=cfg.eval_steps, guidance=cfg.eval_guidance)
             image_grid(images[:64], cols=8).save(os.path.join(cfg.out_dir, f"samples-{step:07d}.png"))
             results.update({f"acc_{k}": v for k, v in shapes.score(images, prompts).items()})
+    net.to(home)
     return results
 
 
-def save_checkpoint(cfg, net, ema, opt, extra, state):
+def save_checkpoint(cfg, net, ema, opt_state, extra, state):
     """Write ckpt-<step> atomically, then keep only the newest keep_ckpts."""
     if not all(torch.isfinite(p).all() for p in net.parameters()):
         raise RunError(f"step {state['step']}: non-finite weights; not writing a checkpoint")
@@ -599,7 +616,7 @@ def save_checkpoint(cfg, net, ema, opt, extra, state):
     with atomic_write(path) as tmp:
         os.makedirs(tmp)
         save_pretrained(tmp, net, ema, extra)
-        save_train_state(tmp, opt, state)
+        save_train_state(tmp, opt_state, state)
     for old in [c for c in list_checkpoints(cfg.out_dir) if c != path][cfg.keep_ckpts - 1:]:
         remove(old)  # never the checkpoint just written
     return path
@@ -626,8 +643,8 @@ def train(cfg):
     if master:
         print("config:", json.dumps(asdict(cfg)))
 
-    net, ema, opt = build(cfg, mcfg, device, master)
-    step, samples, skipped = start(cfg, net, ema, opt, master, ddp, device)
+    net, ema = build(cfg, mcfg, device, master)
+    step, samples, skipped, opt_state = start(cfg, net, ema, master, ddp, device)
     mask_at = lambda step: 0.0 if step >= cfg.max_steps - cfg.unmasked_steps else cfg.mask_ratio
     flops_at = {m: flops_per_image(mcfg, m, caption_len=index["text_shape"][0])  # per image, train step
                 for m in (cfg.mask_ratio, 0.0)}
@@ -640,10 +657,9 @@ def train(cfg):
         print_plan(cfg, net, flops_at, mask_at, step, device, bf16, peak, world, grad_accum, micro_batch,
                    lanes)
     loaders = make_loaders(cfg, rank, world, lanes, samples)
-    model = torch.compile(net) if cfg.compile else net  # compile after .to(device), before the DDP wrap
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    model, opt, plain = spread(cfg, net, ema, opt_state, device, bf16, ddp, master)
     D = Denoiser(model, cfg.sigma_data)
+    full = lambda: [full_weights(m, p, cfg.fsdp, device) for m, p in ((net, plain[0]), (ema, plain[1]))]
     val = data.load_all(os.path.join(cfg.data_dir, "val")) if data.has_split(cfg.data_dir, "val") else None
     prompts = shapes.heldout_captions(cfg.eval_n) if index["meta"].get("dataset") == "shapes" else []
     extra = checkpoint_config(cfg, index["meta"], prompts)
@@ -672,46 +688,45 @@ def train(cfg):
                                 mask_at(step), micro_batch, grad_accum, ddp, bf16)
         bad = ~loss.isfinite()
         if cfg.grad_clip > 0:  # the norm of the all-reduced gradient: the same on every rank
-            bad |= ~torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip).isfinite()
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            bad |= ~(norm.full_tensor() if cfg.fsdp else norm).isfinite()  # FSDP: a replicated DTensor
         flags = torch.stack([torch.tensor(float(stop.requested), device=device), bad.float()])
         if ddp:  # a signal may reach the ranks at different steps: they all stop (or skip) at the same one
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stopping, bad = (bool(f) for f in flags.tolist())
-        if bad:  # skip the step: no update of the weights, the EMA or the optimizer; the batch is passed over
-            skipped, bad_in_row = skipped + 1, bad_in_row + 1
-            report_bad_step(cfg, step, bad_in_row, master)
-        else:
-            opt.step()
-            if ema is not None:
-                update_ema(ema, net, step, cfg.ema_decay)
-            bad_in_row = 0
-        opt.zero_grad(set_to_none=True)
+        bad_in_row = update(cfg, opt, net, ema, step, bad, bad_in_row, master)
+        skipped += bad
         meter.add(loss, not bad, flops_at[mask_at(step)] * cfg.batch_size)
         step, samples = step + 1, samples + cfg.batch_size
 
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == step_start + 1:  # a first line now
             meter.log(step, skipped, ddp, master)
-        if master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            results = evaluate(cfg, ema or net, val, prompts, extra, step, device)
-            print(f"step {step:6d} | eval " + " ".join(f"{k} {v:.3f}" for k, v in results.items()),
-                  flush=True)
-            log(cfg, {"step": step, **results})
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            weights = full()  # (under FSDP every rank takes part in gathering them)
+            if master:
+                results = evaluate(cfg, weights[1] or weights[0], val, prompts, extra, step, device)
+                print(f"step {step:6d} | eval " + " ".join(f"{k} {v:.3f}" for k, v in results.items()),
+                      flush=True)
+                log(cfg, {"step": step, **results})
             meter.t0 = time.perf_counter()
-        if master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping):
-            save_checkpoint(cfg, net, ema, opt, extra, state())
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
+            weights, opt_state = full(), full_optimizer_state(net, opt, cfg.fsdp, device)
+            if master:
+                save_checkpoint(cfg, *weights, opt_state, extra, state())
             meter.t0 = time.perf_counter()
 
     stop.restore()
-    if master:
-        finish(cfg, net, ema, opt, val, prompts, extra, state(), stopping, time.perf_counter() - t_start,
+    weights = full() if step == step_start else weights  # no step here: the weights it started with
+    if master:  # ({}: AdamW's state before any step)
+        finish(cfg, *weights, {}, val, prompts, extra, state(), stopping, time.perf_counter() - t_start,
                step - step_start, device)
-    if ddp:  # the ranks tear down together, DDP's reducer before the process group it uses (gloo can hang)
+    if ddp:  # the ranks tear down together, the models before the process group they use (gloo can hang)
         dist.barrier()
-        del D, model
+        del D, model, net, ema, opt
         dist.destroy_process_group()
 
 
-def finish(cfg, net, ema, opt, val, prompts, extra, state, stopped, train_s, steps_here, device):
+def finish(cfg, net, ema, opt_state, val, prompts, extra, state, stopped, train_s, steps_here, device):
     """The end of a run on rank 0: the final evaluation, in the log and the model card; the loss curve; the
     upload."""
     step = state["step"]
@@ -721,7 +736,7 @@ def finish(cfg, net, ema, opt, val, prompts, extra, state, stopped, train_s, ste
         return
     final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
     if not os.path.isdir(final):  # --max_steps=0: the initial weights are the result
-        save_checkpoint(cfg, net, ema, opt, extra, state)
+        save_checkpoint(cfg, net, ema, opt_state, extra, state)
     results = evaluate(cfg, ema or net, val, prompts, extra, step, device)
     print(f"done: {step} steps ({steps_here} here) in {train_s:.0f}s | final "
           + " ".join(f"{k} {v:.3f}" for k, v in results.items()))
