@@ -8,31 +8,22 @@ Fits: power laws S = a X^b on the Pareto frontier ("On the Scalability of Diffus
 Text-to-Image Generation", Li et al. 2024), the Chinchilla form L(N, D) = E + A/N^alpha + B/D^beta
 fitted as in Hoffmann et al. 2022 (approach 3) and Besiroglu et al. 2024 (SPEC C), bootstrap
 intervals, and the compute-optimal split of a budget that the fitted form implies.
-Sweep: a grid of small train.py runs on the built-in dataset, fitted and plotted. Ablate: the papers'
-ablations in miniature, every run at the same training FLOPs, tabled as mean +- spread over seeds.
+The runs that these fits and tables read are made by experiments.py (the sweep and the ablations).
 
     python scaling.py cost [--preset MicroDiT_XL_2] [--gpu-peak 989.4] [--mfu 0.4] [--price 3.75]
     python scaling.py unets
-    python scaling.py sweep [--out results.jsonl]
     python scaling.py fit results.jsonl [--plot scaling.png]
-    python scaling.py ablate [--out results/ablations.jsonl] [--tables masking,moe] [--jobs 2] [--report]
 """
 import argparse
-import concurrent.futures
 import itertools
 import json
 import os
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import replace
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
 import memory
 from checkpoint import atomic_write
 from model import (PRESETS, UNET_PRESETS, IFAttention, SpatialTransformer, UNet, flops_per_image, get_config,
@@ -327,8 +318,7 @@ def bootstrap_chinchilla(N, D, L, fit, n_boot=200, seed=0, level=0.95):
 
 
 # -----------------------------------------------------------------------------
-# Running train.py: sweep and ablate both launch it as a user would, and read the closing record it appends to
-# out_dir/log.jsonl after its final evaluation ({"final": true, "val_loss", "acc_shape", ...}).
+# Results as JSON lines: a sweep's and the ablations' rows (experiments.py), a run's log.jsonl (train.py)
 
 
 def read_jsonl(path):
@@ -344,193 +334,6 @@ def read_jsonl(path):
     return rows
 
 
-def run_train(run_dir, flags, extra_args=()):
-    """Run `python train.py --key=value ... --out_dir=run_dir --resume=auto`, its output in
-    run_dir/stdout.txt; returns the run's results: final_loss and the accuracies. A run stopped part-way
-    continues on the next call."""
-    os.makedirs(run_dir, exist_ok=True)
-    cmd = [sys.executable, "train.py", *(f"--{k}={v}" for k, v in flags.items()), f"--out_dir={run_dir}",
-           "--resume=auto", *extra_args]
-    with open(os.path.join(run_dir, "stdout.txt"), "a") as out:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
-    if code:
-        raise RuntimeError(f"train.py failed in {run_dir} (exit {code}); its output: {run_dir}/stdout.txt")
-    log = os.path.join(run_dir, "log.jsonl")
-    finals = [r for r in read_jsonl(log) if r.get("final")] if os.path.exists(log) else []
-    if not finals:  # stopped by a signal: train.py checkpointed, and --resume=auto continues it next time
-        raise RuntimeError(f"{run_dir}: train.py stopped before its end; run the same command to resume it")
-    accs = [finals[-1][f"acc_{k}"] for k in ("shape", "colour", "position")]
-    return dict(final_loss=finals[-1]["val_loss"], acc_shape=accs[0], acc_colour=accs[1],
-                acc_position=accs[2], acc_mean=sum(accs) / 3)
-
-
-def append_jsonl(path, row):
-    with open(path, "a") as f:  # one line per finished run: an interrupted sweep keeps what it finished
-        f.write(json.dumps(row) + "\n")
-
-# -----------------------------------------------------------------------------
-# sweep: small train.py runs on the built-in dataset
-
-SWEEP_MODELS = ["MicroDiT_XS", "MicroDiT_S", "MicroDiT_M"]  # CPU-sized presets of model.py, smallest first
-SWEEP_STEPS = [250, 500, 1000]                             # training budgets, in optimizer steps
-SWEEP_BATCH = 32                                           # images per step
-SWEEP_MASK_RATIO = 0.5                                     # passed to train.py, so the FLOPs counted match
-
-
-def sweep(out_path="results.jsonl", models=SWEEP_MODELS, steps_list=SWEEP_STEPS, batch_size=SWEEP_BATCH,
-          mask_ratio=SWEEP_MASK_RATIO, run_root="out/sweep"):
-    """Train and evaluate every (model, steps) pair; append one JSON line per run to out_path."""
-    unknown = [m for m in models if m not in PRESETS]
-    if unknown:
-        raise ValueError(f"sweep: unknown presets {unknown}; model.py has {list(PRESETS)}")
-    # an interrupted sweep resumes: runs already in out_path are not repeated
-    done = {(r["model"], r["steps"]) for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
-    for model in models:
-        f_img = flops_per_image(PRESETS[model], mask_ratio, train=True, caption_len=24)  # built-in 24 tokens
-        for steps in steps_list:
-            if (model, steps) in done:
-                continue
-            t0 = time.time()
-            # each budget is its own run with its own schedule (warmup, then cosine to the end),
-            # as in Chinchilla
-            results = run_train(os.path.join(run_root, f"{model}_{steps}"), dict(
-                model=model, max_steps=steps, warmup_steps=steps // 10, batch_size=batch_size,
-                mask_ratio=mask_ratio, unmasked_steps=0))
-            row = dict(model=model, params=param_count(PRESETS[model]), steps=steps,
-                       images=steps * batch_size, flops=f_img * steps * batch_size, **results,
-                       wall_s=round(time.time() - t0, 1))
-            append_jsonl(out_path, row)
-            print(json.dumps(row))
-
-
-# -----------------------------------------------------------------------------
-# Ablations: the papers' claims in miniature. Every run gets the same training FLOPs, the budget C of the
-# base run (MicroDiT_S at the recipe's 75% masking, 1,000 steps of 32 images, the last 10% unmasked as the
-# recipe's stage 2), so a cheaper variant takes more steps. Each variant runs with >= 2 seeds (the seed
-# also draws its own dataset).
-
-ABLATION_BATCH = 32
-ABLATION_BASE_STEPS = 1000
-ABLATION_SEEDS = (0, 1)
-ABLATION_DATASET_SIZE = 40_000
-ABLATION_UNMASKED = 0.1  # fraction of a masked run's steps trained unmasked at its end (recipe: 30K of 280K)
-BASE = dict(model="MicroDiT_S", mask_ratio=0.75, model_args={}, budget=1.0)
-VARIANTS = {  # name -> what differs from BASE
-    "deferred75": {},
-    "nomask": dict(mask_ratio=0.0),
-    "naive75": dict(model_args=dict(mixer_depth=0)),  # the same backbone, masked without a patch-mixer
-    # unmasked and narrower, about the base's step cost (0.42 vs 0.45 training GFLOPs per image)
-    "small": dict(mask_ratio=0.0, model_args=dict(dim=96, mixer_dim=96, mixer_depth=1)),
-    "mask25": dict(mask_ratio=0.25),
-    "mask50": dict(mask_ratio=0.5),
-    "dense": dict(model_args=dict(num_experts=0)),  # a SwiGLU FFN of the same width in every block
-    # the layer-wise widths' means
-    "uniform": dict(model_args=dict(qkv_ratio=(0.75, 0.75), mlp_ratio=(2.5, 2.5))),
-    "unet": dict(model="UNet_S", mask_ratio=0.0),  # 4.2M parameters against MicroDiT_S's 3.9M
-    "quarter": dict(budget=0.25),
-    "half": dict(budget=0.5),
-}
-ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
-    "masking": ("Deferred masking with a patch-mixer beats naive masking, no masking and a smaller unmasked "
-                "model of the same step cost, at equal compute (MicroDiT paper)",
-                [("no masking", "nomask"), ("naive 75% masking, no patch-mixer", "naive75"),
-                 ("deferred 75% masking, patch-mixer", "deferred75"),
-                 ("smaller model, no masking", "small")]),
-    "mask_ratio": ("With the patch-mixer, masking up to 75% costs little quality at equal compute "
-                   "(MicroDiT paper)",
-                   [("0", "nomask"), ("0.25", "mask25"), ("0.5", "mask50"), ("0.75", "deferred75")]),
-    "moe": ("Expert-choice MoE beats a dense FFN (MicroDiT paper)",
-            [("expert-choice MoE, every 2nd block", "deferred75"), ("dense FFN", "dense")]),
-    "layer_scaling": ("Layer-wise scaled widths beat uniform widths (MicroDiT paper)",
-                      [("layer-wise scaling", "deferred75"), ("uniform widths", "uniform")]),
-    "unet": ("At matched size the backbone matters: the scaling paper compares UNets and transformers; here "
-             "UNet_S against MicroDiT_S, about the same parameters, at equal FLOPs",
-             [("MicroDiT_S, 75% masking", "deferred75"), ("MicroDiT_S, no masking", "nomask"),
-              ("UNet_S", "unet")]),
-    "compute": ("Quality follows a power law of training compute, S = 0.47 C^0.02 "
-                "(scaling paper, TIFA, C in GFLOPs)",
-                [("C/4", "quarter"), ("C/2", "half"), ("C", "deferred75")]),
-}
-ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", "params", "steps",
-                 "unmasked_steps", "images", "flops", "final_loss", "acc_shape", "acc_colour", "acc_position",
-                 "acc_mean", "wall_s")
-
-
-def model_args_text(overrides):
-    """{field: value} -> train.py's --model_args text, e.g. "mixer_depth=0,mlp_ratio=2.5:2.5"."""
-    return ",".join(f"{k}={':'.join(map(str, v)) if isinstance(v, tuple) else v}"
-                    for k, v in overrides.items())
-
-
-def ablation_runs(tables, seeds, base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH):
-    """The runs the tables need, each once:
-    {run: dict(variant, seed, model, mask_ratio, model_args, steps, ...)}."""
-    unknown = [t for t in tables if t not in ABLATION_TABLES]
-    if unknown:
-        raise ValueError(f"ablate: unknown tables {unknown}; choose from {list(ABLATION_TABLES)}")
-
-    def per_image(cfg, mask_ratio):  # training FLOPs per image, averaged over the masked and unmasked steps
-        f = lambda m: flops_per_image(cfg, m, train=True, caption_len=24)  # the built-in encoder's 24 tokens
-        return ((1 - ABLATION_UNMASKED) * f(mask_ratio) + ABLATION_UNMASKED * f(0.0) if mask_ratio
-                else f(0.0)), f
-
-    budget = per_image(get_config(BASE["model"]), BASE["mask_ratio"])[0] * base_steps * batch_size
-    runs = {}
-    for variant in dict.fromkeys(v for t in tables for _, v in ABLATION_TABLES[t][1]):
-        spec = {**BASE, **VARIANTS[variant]}
-        cfg = replace(get_config(spec["model"]), **spec["model_args"])
-        f_avg, f = per_image(cfg, spec["mask_ratio"])
-        steps = max(1, round(spec["budget"] * budget / (f_avg * batch_size)))
-        unmasked = round(ABLATION_UNMASKED * steps) if spec["mask_ratio"] else 0
-        flops = ((steps - unmasked) * f(spec["mask_ratio"]) + unmasked * f(0.0)) * batch_size
-        for seed in seeds:
-            runs[f"{variant}_s{seed}"] = dict(variant=variant, seed=seed, model=spec["model"],
-                                              mask_ratio=spec["mask_ratio"],
-                                              model_args=model_args_text(spec["model_args"]),
-                                              params=param_count(cfg), steps=steps, unmasked_steps=unmasked,
-                                              images=steps * batch_size, flops=flops)
-    return runs
-
-
-def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2,
-           base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH, run_root="out/ablate",
-           data_root="data_cache", dataset_size=ABLATION_DATASET_SIZE, train_args=()):
-    """Train and evaluate every run the tables need, `jobs` at a time; one JSON line per finished run."""
-    runs = ablation_runs(tables, seeds, base_steps, batch_size)
-    # an interrupted ablation resumes: finished runs are not repeated
-    done = {r["run"] for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
-    todo = {k: r for k, r in runs.items() if k not in done}
-    print(f"ablate: {len(runs)} runs ({len(runs) - len(todo)} already in {out_path}), {jobs} at a time")
-    data_dir = lambda seed: os.path.join(data_root, f"ablate_shapes32_seed{seed}")
-    for seed in sorted({r["seed"] for r in todo.values()}):  # written once, before runs that share it start
-        data.make_shapes_dataset(data_dir(seed), dataset_size, res=32, seed=seed, text_dim=64)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    lock = threading.Lock()
-
-    def run(name, r):
-        t0 = time.time()
-        results = run_train(os.path.join(run_root, name), dict(
-            model=r["model"], mask_ratio=r["mask_ratio"], model_args=r["model_args"], max_steps=r["steps"],
-            warmup_steps=r["steps"] // 10, unmasked_steps=r["unmasked_steps"], batch_size=batch_size,
-            seed=r["seed"], data_dir=data_dir(r["seed"]), dataset_size=dataset_size, threads=threads,
-            ckpt_every=r["steps"]), train_args)
-        row = dict(run=name, **r, **results, wall_s=round(time.time() - t0, 1))
-        with lock:
-            append_jsonl(out_path, row)
-            print(f"ablate: {name}: {r['steps']} steps, val loss {row['final_loss']:.4f}, mean accuracy "
-                  f"{row['acc_mean']:.3f}, {row['wall_s']:.0f}s", flush=True)
-
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(run, k, r) for k, r in todo.items()]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            # the first failure (or Ctrl-C): no new runs start; finished ones stay in out_path
-            pool.shutdown(cancel_futures=True)
-            raise
-
-
 def load_rows(path, keys, min_rows=0):
     """The rows of a results JSONL (sweep or ablate), each checked for the keys they write."""
     rows = read_jsonl(path)
@@ -540,43 +343,6 @@ def load_rows(path, keys, min_rows=0):
     if len(rows) < min_rows:
         raise ValueError(f"{path}: {len(rows)} runs; fitting needs at least {min_rows}")
     return rows
-
-
-def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
-    """Markdown tables: each row a variant, its numbers the mean +- half the range over seeds."""
-    by_variant = {}
-    for r in rows:
-        by_variant.setdefault(r["variant"], []).append(r)
-    stat = lambda rs, k: (np.mean([r[k] for r in rs]), (max(r[k] for r in rs) - min(r[k] for r in rs)) / 2)
-    cell = lambda rs, k, fmt: "{0:{2}} ± {1:{2}}".format(*stat(rs, k), fmt)
-    out = []
-    for t in tables:
-        claim, table_rows = ABLATION_TABLES[t]
-        out += [f"### {t}", "", f"Claim: {claim}.", "",
-                "| variant | params | train GFLOPs | steps (unmasked) | seeds | val loss (mask 0) | shape | "
-                "colour | position | mean accuracy | wall s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for label, v in table_rows:
-            rs = by_variant.get(v, [])
-            if not rs:
-                out.append(f"| {label} | not run |" + " |" * 9)
-                continue
-            out.append(f"| {label} | {rs[0]['params'] / 1e6:.2f}M | {rs[0]['flops'] / 1e9:,.0f} | "
-                       f"{rs[0]['steps']} ({rs[0]['unmasked_steps'] if rs[0]['mask_ratio'] else 'all'}) | "
-                       f"{len(rs)} | {cell(rs, 'final_loss', '.4f')} | {cell(rs, 'acc_shape', '.3f')} | "
-                       f"{cell(rs, 'acc_colour', '.3f')} | {cell(rs, 'acc_position', '.3f')} | "
-                       f"{cell(rs, 'acc_mean', '.3f')} | {np.mean([r['wall_s'] for r in rs]):.0f} |")
-        if t == "compute":
-            pts = [r for label, v in table_rows for r in by_variant.get(v, [])]
-            if len({r["flops"] for r in pts}) >= 2:
-                gf = [r["flops"] / 1e9 for r in pts]
-                a, b = fit_power_law(gf, [r["acc_mean"] for r in pts])
-                la, lb = fit_power_law(gf, [r["final_loss"] for r in pts])
-                out += ["", f"Fitted on these {len(pts)} runs (C in GFLOPs): "
-                        f"mean accuracy = {a:.3g} C^{b:.3f}; val loss = {la:.3g} C^{lb:.3f}. "
-                        "The paper: TIFA S = 0.47 C^0.02."]
-        out.append("")
-    return "\n".join(out)
 
 
 # -----------------------------------------------------------------------------
@@ -726,22 +492,6 @@ def main(argv=None):
     c.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation to price at")
     c.add_argument("--price", type=float, default=PRICE_PER_GPU_HOUR, help="dollars per GPU-hour")
     add("unets", "the 16 UNets of Paper B's Table 1: parameters and GMACs beside the paper's")
-    s = add("sweep", "train and evaluate a grid of small models (calls train.py)")
-    s.add_argument("--out", default="results.jsonl", help="results JSONL, one row per finished run")
-    a = add("ablate", "the papers' ablations in miniature, at equal FLOPs (calls train.py)")
-    a.add_argument("--out", default="results/ablations.jsonl", help="rows JSONL, one per finished run")
-    a.add_argument("--tables", default=",".join(ABLATION_TABLES), help="comma-separated, from: "
-                   + ", ".join(ABLATION_TABLES))
-    a.add_argument("--seeds", default=",".join(map(str, ABLATION_SEEDS)), help="comma-separated seeds")
-    a.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cpu_count/jobs threads")
-    a.add_argument("--base-steps", type=int, default=ABLATION_BASE_STEPS,
-                   help="the budget C, in base-run steps")
-    a.add_argument("--run-root", default="out/ablate", help="one train.py out_dir per run below it")
-    a.add_argument("--data-root", default="data_cache", help="one built-in dataset per seed below it")
-    a.add_argument("--dataset-size", type=int, default=ABLATION_DATASET_SIZE, help="built-in dataset size")
-    a.add_argument("--train-args", default="",
-                   help="extra train.py arguments for every run, e.g. '--eval_n=64'")
-    a.add_argument("--report", action="store_true", help="only print the tables of --out")
     memory.add_arguments(add("memory", "per-GPU memory of DDP, FSDP and FSDP + checkpointing: fits 80 GB?"))
     f = add("fit", "fit a sweep's results and plot them")
     f.add_argument("results", help="a sweep's results JSONL")
@@ -758,29 +508,8 @@ def main(argv=None):
         print_cost(args.preset, args.gpu_peak * 1e12, args.mfu, args.price)
     elif args.cmd == "unets":
         print_unet_table()
-    elif args.cmd == "sweep":
-        try:
-            sweep(args.out)
-        except (ValueError, OSError, RuntimeError) as e:  # a failed or stopped run: one line, rows kept
-            p.exit(2, f"scaling.py: error: {e}\n")
-    elif args.cmd == "ablate":
-        tables = [t for t in args.tables.split(",") if t]
-        if unknown := [t for t in tables if t not in ABLATION_TABLES]:
-            p.error(f"ablate: unknown --tables {unknown}; choose from {', '.join(ABLATION_TABLES)}")
-        try:
-            if not args.report:
-                if not all(x.strip().isdigit() for x in args.seeds.split(",")):
-                    p.error(f"ablate: --seeds must be comma-separated integers, got {args.seeds!r}")
-                seeds = [int(x) for x in args.seeds.split(",")]
-                if args.jobs < 1 or args.base_steps < 1:
-                    p.error("ablate: need --jobs >= 1 and --base-steps >= 1")
-                ablate(args.out, tables, seeds, args.jobs, args.base_steps, run_root=args.run_root,
-                       data_root=args.data_root, dataset_size=args.dataset_size,
-                       train_args=args.train_args.split())
-            print(ablation_tables(load_rows(args.out, ABLATION_KEYS), tables))
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
-            p.error(str(e))
-    elif args.cmd == "memory": memory.run(args, sub.choices["memory"])  # one line: the file is at 800 lines
+    elif args.cmd == "memory":
+        memory.run(args, sub.choices["memory"])
     else:
         try:
             rows = load_rows(args.results, RESULT_KEYS, min_rows=3)

@@ -82,7 +82,7 @@ def test_train_help_lists_every_field_with_its_default_and_comment():
     assert "0 = world size. A fixed value" in p.stdout  # a comment continued on the next line
 
 
-@pytest.mark.parametrize("script", ["sample.py", "fid.py", "scaling.py", "data.py"])
+@pytest.mark.parametrize("script", ["sample.py", "fid.py", "scaling.py", "experiments.py", "data.py"])
 def test_every_script_help_lists_every_flag_with_its_default(script):
     p = run(script, "--help")
     assert p.returncode == 0
