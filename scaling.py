@@ -11,6 +11,7 @@ intervals, and the compute-optimal split of a budget that the fitted form implie
 The runs that these fits and tables read are made by experiments.py (the sweep and the ablations).
 
     python scaling.py cost [--preset MicroDiT_XL_2] [--gpu-peak 989.4] [--mfu 0.4] [--price 3.75]
+    python scaling.py protocol-cost [--preset MicroDiT_XL_2] [--res 512] [--n 30000] [--steps 30]
     python scaling.py unets
     python scaling.py fit results.jsonl [--plot scaling.png]
 """
@@ -26,6 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import memory
 from checkpoint import atomic_write
+from encoders import CLIP, AutoencoderKL, CLIPTextTransformer
+from fid import InceptionV3
 from model import (PRESETS, UNET_PRESETS, IFAttention, SpatialTransformer, UNet, flops_per_image, get_config,
                    param_count)
 
@@ -100,6 +103,62 @@ def print_cost(preset="MicroDiT_XL_2", gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU,
     print(f"at that MFU: {hours:.0f} GPU-hours, ${dollars(hours, price):,.0f} "
           f"(the paper: ${PAPER_DOLLARS:,})")
     return stages
+
+
+# -----------------------------------------------------------------------------
+# the COCO FID-30K protocol: sampling 30,000 images, then scoring them
+
+# The networks as their Hub config.json files define them, built on the meta device only to count FLOPs.
+SDXL_VAE_ARCH = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, scaling_factor=0.13025)
+DFN5B_TEXT_ARCH = dict(width=1024, heads=16, layers=24, mlp_width=4096, act="quick_gelu")  # ViT-H/14 text
+CLIP_L14_ARCH = dict(vision=dict(image_size=224, patch_size=14, width=1024, heads=16, layers=24, mlp_width=4096),
+                     text=dict(width=768, heads=12, layers=12, mlp_width=3072), embed_dim=768)
+COCO_VAL2014_IMAGES = 40_504  # the reference statistics: every val2014 image, once
+
+
+def forward_flops(fn, *inputs):
+    """FLOPs (matmuls and convolutions, as model.py counts them) of one call on meta tensors."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return counter.get_total_flops()
+
+
+def protocol_cost(preset="MicroDiT_XL_2", res=512, n_images=30_000, steps=30, guidance=True):
+    """{part: FLOPs} of the COCO protocol (sample.py, then fid.py protocol) for n_images at res px:
+    Heun takes 2 x steps - 1 network calls, each on a conditional and an unconditional copy under guidance;
+    the reference statistics (Inception on COCO val2014) are counted once."""
+    calls = (2 * steps - 1) * (2 if guidance else 1)
+    with torch.device("meta"):
+        vae, inception = AutoencoderKL(SDXL_VAE_ARCH), InceptionV3()
+        text, clip = CLIPTextTransformer(**DFN5B_TEXT_ARCH), CLIP(**CLIP_L14_ARCH)
+        tokens = torch.zeros(1, 77, dtype=torch.long)
+        latent, pixels = torch.zeros(1, 4, res // 8, res // 8), torch.zeros(1, 3, 299, 299)
+        clip_pixels = torch.zeros(1, 3, 224, 224)
+        inception_flops = forward_flops(inception, pixels)
+        parts = {
+            "text encoder (DFN5B CLIP-H, once per caption)": n_images * forward_flops(text, tokens),
+            f"denoiser ({preset}, {calls} calls per image)":
+                n_images * calls * flops_per_image(stage_config(get_config(preset), res), 0.0, train=False),
+            "VAE decoder (SDXL)": n_images * forward_flops(vae.decode, latent),
+            "Inception, generated images": n_images * inception_flops,
+            "Inception, COCO val2014 reference (once)": COCO_VAL2014_IMAGES * inception_flops,
+            "CLIP ViT-L/14 score (image + caption)": n_images * (forward_flops(clip.visual, clip_pixels)
+                                                                 + forward_flops(clip.text, tokens)),
+        }
+    return parts
+
+
+def print_protocol_cost(preset="MicroDiT_XL_2", res=512, n_images=30_000, steps=30, gpu_peak=H100_BF16_PEAK,
+                        mfu=DEFAULT_MFU):
+    parts = protocol_cost(preset, res, n_images, steps)
+    total = sum(parts.values())
+    print(f"COCO FID-{n_images // 1000}K protocol, {preset} at {res}px, {steps} Heun steps, guidance on; "
+          f"peak {gpu_peak / 1e12:.1f} TFLOP/s at MFU {mfu:.0%}")
+    for name, flops in parts.items():
+        print(f"{name:48s} {flops:10.3g} FLOPs {flops / total:6.1%} {gpu_hours(flops, gpu_peak, mfu):8.3g} GPU-h")
+    h = gpu_hours(total, gpu_peak, mfu)
+    print(f"{'total':48s} {total:10.3g} FLOPs {'':6s} {h:8.3g} GPU-h ({h / 8:.2g} h on 8 GPUs)")
+    return parts
 
 
 # -----------------------------------------------------------------------------
@@ -491,6 +550,13 @@ def main(argv=None):
     c.add_argument("--gpu-peak", type=float, default=H100_BF16_PEAK / 1e12, help="peak TFLOP/s of one GPU")
     c.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation to price at")
     c.add_argument("--price", type=float, default=PRICE_PER_GPU_HOUR, help="dollars per GPU-hour")
+    q = add("protocol-cost", "FLOPs and GPU-hours of the COCO FID-30K protocol: sampling and scoring")
+    q.add_argument("--preset", default="MicroDiT_XL_2", choices=list(PRESETS))
+    q.add_argument("--res", type=int, default=512, help="image resolution in pixels")
+    q.add_argument("--n", type=int, default=30_000, help="generated images")
+    q.add_argument("--steps", type=int, default=30, help="Heun steps")
+    q.add_argument("--gpu-peak", type=float, default=H100_BF16_PEAK / 1e12, help="peak TFLOP/s of one GPU")
+    q.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation")
     add("unets", "the 16 UNets of Paper B's Table 1: parameters and GMACs beside the paper's")
     memory.add_arguments(add("memory", "per-GPU memory of DDP, FSDP and FSDP + checkpointing: fits 80 GB?"))
     f = add("fit", "fit a sweep's results and plot them")
@@ -506,6 +572,12 @@ def main(argv=None):
             p.error(f"cost: need --gpu-peak > 0, 0 < --mfu <= 1, --price >= 0; got {args.gpu_peak}, "
                     f"{args.mfu}, {args.price}")
         print_cost(args.preset, args.gpu_peak * 1e12, args.mfu, args.price)
+    elif args.cmd == "protocol-cost":
+        if not (args.res % 8 == 0 and args.res > 0 and args.n > 0 and args.steps > 0 and args.gpu_peak > 0
+                and 0 < args.mfu <= 1):
+            p.error("protocol-cost: need --res a positive multiple of 8, --n, --steps, --gpu-peak > 0, "
+                    f"0 < --mfu <= 1; got {args.res}, {args.n}, {args.steps}, {args.gpu_peak}, {args.mfu}")
+        print_protocol_cost(args.preset, args.res, args.n, args.steps, args.gpu_peak * 1e12, args.mfu)
     elif args.cmd == "unets":
         print_unet_table()
     elif args.cmd == "memory":

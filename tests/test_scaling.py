@@ -240,3 +240,30 @@ def test_fit_cli_on_synthetic_sweep(tmp_path, monkeypatch, capsys):
                                         [r["images"] for r in rows])
     assert predicted == pytest.approx([r["final_loss"] for r in rows], rel=1e-3)
     assert fits["compute_optimal"]["k"] == pytest.approx(6.0)
+
+
+# -----------------------------------------------------------------------------
+# the COCO FID-30K protocol's cost
+
+
+def vit_flops(tokens, width, layers, mlp_width):
+    """Closed form of a pre-LN transformer's matmul FLOPs on `tokens` tokens: q, k, v, out projections,
+    the two MLP matmuls, and attention's two (tokens x tokens x width) products; 2 FLOPs per multiply-add."""
+    per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp_width) + 2 * 2 * tokens * tokens * width
+    return layers * per_layer
+
+
+def test_protocol_cost_parts_match_closed_forms():
+    parts = scaling.protocol_cost("MicroDiT_XL_2", res=512, n_images=10, steps=30)
+    denoiser = [v for k, v in parts.items() if k.startswith("denoiser")]
+    cfg = scaling.stage_config(PRESETS["MicroDiT_XL_2"], 512)
+    assert denoiser == [10 * 59 * 2 * flops_per_image(cfg, 0.0, train=False)]  # Heun: 2 x 30 - 1 calls, x2 guidance
+    assert 0.95e12 < denoiser[0] / 1180 < 1.1e12  # "about 1 TFLOP per forward" at 512px (the issue's estimate)
+    # CLIP ViT-L/14 at 224: 16 x 16 patches + class token; patch conv and the output projection
+    image = vit_flops(257, 1024, 24, 4096) + 2 * 256 * 3 * 14 * 14 * 1024 + 2 * 1024 * 768
+    text = vit_flops(77, 768, 12, 3072)  # the text tower without its projection (not used by forward)
+    assert parts["CLIP ViT-L/14 score (image + caption)"] == 10 * (image + text)
+    assert parts["text encoder (DFN5B CLIP-H, once per caption)"] == 10 * vit_flops(77, 1024, 24, 4096)
+    # the FID InceptionV3 at 299 px: 5.7 GMACs (the figure torchvision publishes for its InceptionV3)
+    assert 5.6e9 < parts["Inception, generated images"] / 10 / 2 < 5.8e9
+    assert parts["Inception, COCO val2014 reference (once)"] == parts["Inception, generated images"] / 10 * 40_504
