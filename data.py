@@ -493,29 +493,38 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
 # Writing the shapes dataset, and the command line.
 
 
-def _write_shapes(out, scenes, res, enc, shard_size, meta, desc):
-    """Render scenes and write them as shards to `out`, with a progress bar."""
+def _write_shapes(out, scenes, res, enc, shard_size, meta, desc, texts=None):
+    """Render scenes and write them, captioned (by `texts`, or in full), as shards to `out`, with a progress
+    bar."""
     with ShardWriter(out, shard_size, meta) as writer, tqdm(total=len(scenes), desc=desc, unit="img") as bar:
         for b in range(0, len(scenes), 1024):  # encode captions a batch at a time
             chunk = scenes[b : b + 1024]
-            texts = [shapes.caption(s) for s in chunk]
+            chunk_texts = texts[b : b + 1024] if texts else [shapes.caption(s) for s in chunk]
             latents = image_to_latent(np.stack([shapes.render(s, res) for s in chunk]))  # (B, 3, H, W)
-            for latent, feats, text in zip(latents, enc(texts), texts):
+            for latent, feats, text in zip(latents, enc(chunk_texts), chunk_texts):
                 writer.add(latent, feats, text)
             bar.update(len(chunk))
 
 
 def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, max_len=24, val=512,
-                        context=0.7):
-    """Write the shapes dataset (n train images in out/, `val` held-out ones in out/val/) unless it exists."""
+                        context=0.7, scenes=0, captions="full"):
+    """Write the shapes dataset (n train images in out/, `val` held-out ones in out/val/) unless it exists.
+    scenes > 0: the training images cycle through that many distinct scenes (else each is a fresh draw);
+    captions "partial": each training caption names a random part of the attributes (the held-out split's
+    captions stay full)."""
     # below 16px the scorer cannot tell shapes apart, but 8px images still serve the fast plumbing tests
-    if n < 1 or res < 8:
-        raise ValueError(f"make_shapes_dataset: need n >= 1 and res >= 8, got n={n}, res={res}")
+    if n < 1 or res < 8 or scenes < 0 or captions not in ("full", "partial"):
+        raise ValueError(f"make_shapes_dataset: need n >= 1, res >= 8, scenes >= 0, captions 'full' or "
+                         f"'partial'; got n={n}, res={res}, scenes={scenes}, captions={captions!r}")
     enc = shapes.BuiltinTextEncoder(text_dim, max_len, context)
     scenes_id = zlib.crc32(json.dumps([shapes.COLOURS, shapes.POSITIONS, shapes.SIZES, shapes.GAP,
                                        shapes.SUPERSAMPLE, shapes.HELDOUT_EVERY]).encode())
     request = {"dataset": "shapes", "n": n, "res": res, "seed": seed, "val": val, "text_dim": text_dim,
                "max_len": max_len}
+    if scenes:  # recorded only when not the default, so the datasets written before these options still match
+        request["scenes"] = scenes
+    if captions != "full":
+        request["captions"] = captions
     meta = {**request, "latent": "pixels", "encoder": enc.name, "scenes_id": scenes_id,
             "text_encoder": enc.spec, "latents": PIXELS}
     if os.path.exists(os.path.join(out, "index.json")):  # written last, so the dataset is complete
@@ -537,10 +546,13 @@ def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, ma
         # an index.json already there: left by an interrupted run, or an older version
         if os.path.exists(os.path.join(val_dir, "index.json")):
             os.remove(os.path.join(val_dir, "index.json"))
-        scenes = [shapes.parse_caption(c) for c in shapes.heldout_captions(val, seed)]
-        _write_shapes(val_dir, scenes, res, enc, shard_size, {**meta, "split": "val"}, "shapes val")
-    _write_shapes(out, [shapes.train_scene(seed, i) for i in range(n)], res, enc, shard_size, meta,
-                  "shapes train")
+        heldout = [shapes.parse_caption(c) for c in shapes.heldout_captions(val, seed)]
+        _write_shapes(val_dir, heldout, res, enc, shard_size, {**meta, "split": "val"}, "shapes val")
+    pool = shapes.distinct_scenes(seed, scenes) if scenes else None
+    train = [pool[i % scenes] if scenes else shapes.train_scene(seed, i) for i in range(n)]
+    texts = ([shapes.partial_caption(s, np.random.default_rng([seed, i, 1])) for i, s in enumerate(train)]
+             if captions == "partial" else None)
+    _write_shapes(out, train, res, enc, shard_size, meta, "shapes train", texts)
     dt = time.time() - t0
     print(f"{out}: wrote {n} train + {val} val images at {res}px in {dt:.1f}s "
           f"({(n + val) / dt:.0f} images/s)")
@@ -567,6 +579,10 @@ def main(argv=None):
     p.add_argument("--text-context", type=float, default=0.7,
                    help="built-in text encoder's causal context; 0 = none")
     p.add_argument("--val", type=int, default=512, help="held-out images written to OUT/val (0: none)")
+    p.add_argument("--scenes", type=int, default=0,
+                   help="training images cycle through this many distinct scenes; 0 = a fresh draw for each")
+    p.add_argument("--captions", default="full", choices=["full", "partial"],
+                   help="partial: each training caption names a random part of the attributes")
     p = sub.add_parser("prepare", formatter_class=Help,
                        help="encode image-caption pairs into VAE latents + caption features (resumable)")
     p.add_argument("--input", required=True, help="a folder of images with same-name .txt captions, "
@@ -594,7 +610,7 @@ def main(argv=None):
                               for name, q in sub.choices.items())
     args = parser.parse_args(argv)
     lowest = {"n": 1, "res": 8, "shard_size": 1, "batch_size": 1, "workers": 1, "max_len": 2, "text_dim": 2,
-              "val": 0, "seed": 0}
+              "val": 0, "seed": 0, "scenes": 0}
     for key, low in lowest.items():
         values = getattr(args, key, None)  # --res of prepare is a list
         for value in values if isinstance(values, list) else [values]:
@@ -603,7 +619,7 @@ def main(argv=None):
     try:
         if args.command == "shapes":
             make_shapes_dataset(args.out, args.n, args.res, args.seed, args.shard_size, args.text_dim,
-                                args.max_len, args.val, args.text_context)
+                                args.max_len, args.val, args.text_context, args.scenes, args.captions)
         else:
             prepare(args.input, args.out, args.res, args.vae, args.vae_subfolder, args.text_encoder,
                     args.text_encoder_subfolder, args.batch_size, args.device, args.shard_size, args.seed,

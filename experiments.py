@@ -64,8 +64,8 @@ SWEEP_BATCH = 32                                           # images per step
 SWEEP_MASK_RATIO = 0.5                                     # passed to train.py, so the FLOPs counted match
 
 
-def sweep(out_path="results/scaling_sweep.jsonl", models=SWEEP_MODELS, steps_list=SWEEP_STEPS, batch_size=SWEEP_BATCH,
-          mask_ratio=SWEEP_MASK_RATIO, run_root="out/sweep"):
+def sweep(out_path="results/scaling_sweep.jsonl", models=SWEEP_MODELS, steps_list=SWEEP_STEPS,
+          batch_size=SWEEP_BATCH, mask_ratio=SWEEP_MASK_RATIO, run_root="out/sweep"):
     """Train and evaluate every (model, steps) pair; append one JSON line per run to out_path."""
     unknown = [m for m in models if m not in PRESETS]
     if unknown:
@@ -98,12 +98,19 @@ def sweep(out_path="results/scaling_sweep.jsonl", models=SWEEP_MODELS, steps_lis
 
 ABLATION_BATCH = 32
 ABLATION_BASE_STEPS = 1000
-ABLATION_SEEDS = (0, 1)
+ABLATION_SEEDS = (0, 1)  # the seeds of a table not in TABLE_SEEDS
+TABLE_SEEDS = {"masking256": (0, 1, 2), "unet_depth": (0, 1, 2), "data": (0, 1, 2)}
 ABLATION_DATASET_SIZE = 40_000
 ABLATION_UNMASKED = 0.1  # fraction of a masked run's steps trained unmasked at its end (recipe: 30K of 280K)
-BASE = dict(model="MicroDiT_S", mask_ratio=0.75, model_args={}, budget=1.0)
+# A variant's training FLOPs are those of its `ref` variant x `budget`; a reference (ref None) takes `steps` x
+# --base-steps steps; `steps_of` gives it the same steps as another variant instead (the equal-steps framing).
+# `data`: train.py's options of the built-in dataset.
+BASE = dict(model="MicroDiT_S", mask_ratio=0.75, model_args={}, budget=1.0, ref="deferred75", steps=1.0,
+            steps_of=None, data={})
+S_2 = dict(model="MicroDiT_S_2", ref="deferred256")  # 256 tokens, the mixer 43% of the forward at mask 0.75
+UNET_C = dict(model="UNet_S", mask_ratio=0.0, model_args=dict(base_channels=24, head_dim=24))  # 2.36M params
 VARIANTS = {  # name -> what differs from BASE
-    "deferred75": {},
+    "deferred75": dict(ref=None),
     "nomask": dict(mask_ratio=0.0),
     "naive75": dict(model_args=dict(mixer_depth=0)),  # the same backbone, masked without a patch-mixer
     # unmasked and narrower, about the base's step cost (0.42 vs 0.45 training GFLOPs per image)
@@ -116,6 +123,21 @@ VARIANTS = {  # name -> what differs from BASE
     "unet": dict(model="UNet_S", mask_ratio=0.0),  # 4.2M parameters against MicroDiT_S's 3.9M
     "quarter": dict(budget=0.25),
     "half": dict(budget=0.5),
+    # masking256: MicroDiT_S_2, whose deferred run is 800 steps (of the default 1,000 --base-steps)
+    "deferred256": {**S_2, "ref": None, "steps": 0.8},
+    "nomask256": {**S_2, "mask_ratio": 0.0},
+    "naive256": {**S_2, "model_args": dict(mixer_depth=0)},
+    # unmasked, 0.73M parameters: 0.85 training GFLOPs per image against the masked steps' 0.83
+    "small256": {**S_2, "mask_ratio": 0.0, "model_args": dict(dim=64, depth=6, mixer_depth=0)},
+    "deferred256_steps": {**S_2, "steps_of": "nomask256"},
+    "naive256_steps": {**S_2, "model_args": dict(mixer_depth=0), "steps_of": "nomask256"},
+    # unet_depth: about equal parameters (2.40M vs 2.36M), one deeper in transformer blocks, one wider
+    "unet_c": {**UNET_C, "ref": None, "steps": 0.4},
+    "unet_td": {**UNET_C, "ref": "unet_c",
+                "model_args": dict(base_channels=16, head_dim=16, transformer_depth=(0, 1, 5), mid_depth=5)},
+    # data: the deferred75 run's model and steps on other training sets (evaluated on the same full captions)
+    "partial_captions": dict(steps_of="deferred75", data=dict(dataset_captions="partial")),
+    "scenes2000": dict(steps_of="deferred75", data=dict(dataset_scenes=2000)),
 }
 ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
     "masking": ("Deferred masking with a patch-mixer beats naive masking, no masking and a smaller unmasked "
@@ -137,6 +159,24 @@ ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
     "compute": ("Quality follows a power law of training compute, S = 0.47 C^0.02 "
                 "(scaling paper, TIFA, C in GFLOPs)",
                 [("C/4", "quarter"), ("C/2", "half"), ("C", "deferred75")]),
+    "masking256": ("At MicroDiT_XL_2's proportions (256 tokens, a backbone 4x deeper than the mixer, the "
+                   "mixer 43% of the forward FLOPs at 75% masking; XL_2: 38%), deferred masking beats naive "
+                   "masking, no masking and a smaller unmasked model at equal FLOPs (MicroDiT paper); the last "
+                   "two rows give the masked runs the unmasked run's steps",
+                   [("no masking", "nomask256"), ("naive 75% masking, no patch-mixer", "naive256"),
+                    ("deferred 75% masking, patch-mixer", "deferred256"),
+                    ("smaller model (dim 64, 6 blocks), no masking", "small256"),
+                    ("naive 75%, equal steps", "naive256_steps"),
+                    ("deferred 75%, equal steps", "deferred256_steps")]),
+    "unet_depth": ("More transformer blocks at the low-resolution levels beat more channels at about equal "
+                   "parameters (scaling paper, Table 1's TD vs C UNets), at equal FLOPs",
+                   [("deeper: C 16, transformer depth (0, 1, 5), middle 5", "unet_td"),
+                    ("wider: C 24, transformer depth (0, 1, 1), middle 1", "unet_c")]),
+    "data": ("Dense captions and diverse scenes matter (scaling paper): captions naming every attribute beat "
+             "captions naming a random half of them, and the full set (40,000 images of about 7,100 distinct "
+             "scenes) beats 2,000 distinct scenes, at equal steps; all scored on full held-out captions",
+             [("full captions, 40,000 images", "deferred75"), ("partial captions", "partial_captions"),
+              ("2,000 distinct scenes", "scenes2000")]),
 }
 ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", "params", "steps",
                  "unmasked_steps", "images", "flops", "final_loss", "acc_shape", "acc_colour", "acc_position",
@@ -149,9 +189,9 @@ def model_args_text(overrides):
                     for k, v in overrides.items())
 
 
-def ablation_runs(tables, seeds, base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH):
-    """The runs the tables need, each once:
-    {run: dict(variant, seed, model, mask_ratio, model_args, steps, ...)}."""
+def ablation_runs(tables, seeds=None, base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH):
+    """The runs the tables need, each once: {run: dict(variant, seed, model, mask_ratio, model_args, data,
+    steps, ...)}; seeds: every table's, or None for each table's own (TABLE_SEEDS, else ABLATION_SEEDS)."""
     unknown = [t for t in tables if t not in ABLATION_TABLES]
     if unknown:
         raise ValueError(f"ablate: unknown tables {unknown}; choose from {list(ABLATION_TABLES)}")
@@ -161,25 +201,37 @@ def ablation_runs(tables, seeds, base_steps=ABLATION_BASE_STEPS, batch_size=ABLA
         return ((1 - ABLATION_UNMASKED) * f(mask_ratio) + ABLATION_UNMASKED * f(0.0) if mask_ratio
                 else f(0.0)), f
 
-    budget = per_image(get_config(BASE["model"]), BASE["mask_ratio"])[0] * base_steps * batch_size
-    runs = {}
-    for variant in dict.fromkeys(v for t in tables for _, v in ABLATION_TABLES[t][1]):
+    def plan(variant):  # (config, steps, unmasked steps, training FLOPs) of one run of the variant
         spec = {**BASE, **VARIANTS[variant]}
         cfg = replace(get_config(spec["model"]), **spec["model_args"])
         f_avg, f = per_image(cfg, spec["mask_ratio"])
-        steps = max(1, round(spec["budget"] * budget / (f_avg * batch_size)))
+        if spec["steps_of"]:
+            steps = plan(spec["steps_of"])[1]
+        elif spec["ref"]:  # the reference's FLOPs x budget, in whole steps
+            steps = round(spec["budget"] * plan(spec["ref"])[3] / (f_avg * batch_size))
+        else:
+            steps = round(spec["steps"] * base_steps)
+        steps = max(1, steps)
         unmasked = round(ABLATION_UNMASKED * steps) if spec["mask_ratio"] else 0
         flops = ((steps - unmasked) * f(spec["mask_ratio"]) + unmasked * f(0.0)) * batch_size
-        for seed in seeds:
-            runs[f"{variant}_s{seed}"] = dict(variant=variant, seed=seed, model=spec["model"],
-                                              mask_ratio=spec["mask_ratio"],
-                                              model_args=model_args_text(spec["model_args"]),
-                                              params=param_count(cfg), steps=steps, unmasked_steps=unmasked,
-                                              images=steps * batch_size, flops=flops)
+        return cfg, steps, unmasked, flops
+
+    runs = {}
+    for t in tables:
+        for _, variant in ABLATION_TABLES[t][1]:
+            spec = {**BASE, **VARIANTS[variant]}
+            cfg, steps, unmasked, flops = plan(variant)
+            for seed in seeds or TABLE_SEEDS.get(t, ABLATION_SEEDS):
+                runs[f"{variant}_s{seed}"] = dict(variant=variant, seed=seed, model=spec["model"],
+                                                  mask_ratio=spec["mask_ratio"],
+                                                  model_args=model_args_text(spec["model_args"]),
+                                                  data=model_args_text(spec["data"]), params=param_count(cfg),
+                                                  steps=steps, unmasked_steps=unmasked,
+                                                  images=steps * batch_size, flops=flops)
     return runs
 
 
-def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2,
+def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=None, jobs=2,
            base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH, run_root="out/ablate",
            data_root="data_cache", dataset_size=ABLATION_DATASET_SIZE, train_args=()):
     """Train and evaluate every run the tables need, `jobs` at a time; one JSON line per finished run."""
@@ -188,9 +240,14 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2
     done = {r["run"] for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
     todo = {k: r for k, r in runs.items() if k not in done}
     print(f"ablate: {len(runs)} runs ({len(runs) - len(todo)} already in {out_path}), {jobs} at a time")
-    data_dir = lambda seed: os.path.join(data_root, f"ablate_shapes32_seed{seed}")
-    for seed in sorted({r["seed"] for r in todo.values()}):  # written once, before runs that share it start
-        data.make_shapes_dataset(data_dir(seed), dataset_size, res=32, seed=seed, text_dim=64)
+    options = lambda r: VARIANTS[r["variant"]].get("data", {})  # train.py's dataset_* flags
+
+    def data_dir(r):  # one folder per seed and dataset options
+        tag = "".join(f"_{k.removeprefix('dataset_')}{v}" for k, v in sorted(options(r).items()))
+        return os.path.join(data_root, f"ablate_shapes32_seed{r['seed']}{tag}")
+    for r in {data_dir(r): r for r in todo.values()}.values():  # each written once, before the runs using it
+        data.make_shapes_dataset(data_dir(r), dataset_size, res=32, seed=r["seed"], text_dim=64,
+                                 **{k.removeprefix("dataset_"): v for k, v in options(r).items()})
     threads = max(1, (os.cpu_count() or 1) // jobs)
     lock = threading.Lock()
 
@@ -199,8 +256,8 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=ABLATION_SEEDS, jobs=2
         results = run_train(os.path.join(run_root, name), dict(
             model=r["model"], mask_ratio=r["mask_ratio"], model_args=r["model_args"], max_steps=r["steps"],
             warmup_steps=r["steps"] // 10, unmasked_steps=r["unmasked_steps"], batch_size=batch_size,
-            seed=r["seed"], data_dir=data_dir(r["seed"]), dataset_size=dataset_size, threads=threads,
-            ckpt_every=r["steps"]), train_args)
+            seed=r["seed"], data_dir=data_dir(r), dataset_size=dataset_size, threads=threads,
+            ckpt_every=r["steps"], **options(r)), train_args)
         row = dict(run=name, **r, **results, wall_s=round(time.time() - t0, 1))
         with lock:
             append_jsonl(out_path, row)
@@ -263,12 +320,14 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     add = lambda name, text: sub.add_parser(name, help=text, description=text, formatter_class=Help)
     s = add("sweep", "train and evaluate a grid of small models (calls train.py)")
-    s.add_argument("--out", default="results/scaling_sweep.jsonl", help="results JSONL, one row per finished run")
+    s.add_argument("--out", default="results/scaling_sweep.jsonl", help="results JSONL, one row per run")
     a = add("ablate", "the papers' ablations in miniature, at equal FLOPs (calls train.py)")
     a.add_argument("--out", default="results/ablations.jsonl", help="rows JSONL, one per finished run")
     a.add_argument("--tables", default=",".join(ABLATION_TABLES), help="comma-separated, from: "
                    + ", ".join(ABLATION_TABLES))
-    a.add_argument("--seeds", default=",".join(map(str, ABLATION_SEEDS)), help="comma-separated seeds")
+    a.add_argument("--seeds", default="", help="comma-separated seeds for every table; default: "
+                   + "; ".join(f"{t} {','.join(map(str, s))}" for t, s in TABLE_SEEDS.items())
+                   + f"; the others {','.join(map(str, ABLATION_SEEDS))}")
     a.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cpu_count/jobs threads")
     a.add_argument("--base-steps", type=int, default=ABLATION_BASE_STEPS,
                    help="the budget C, in base-run steps")
@@ -288,11 +347,12 @@ def main(argv=None):
         if unknown := [t for t in tables if t not in ABLATION_TABLES]:
             p.error(f"ablate: unknown --tables {unknown}; choose from {', '.join(ABLATION_TABLES)}")
         if not args.report:
-            if not all(x.strip().isdigit() for x in args.seeds.split(",")):
+            if args.seeds and not all(x.strip().isdigit() for x in args.seeds.split(",")):
                 p.error(f"ablate: --seeds must be comma-separated integers, got {args.seeds!r}")
             if args.jobs < 1 or args.base_steps < 1:
                 p.error("ablate: need --jobs >= 1 and --base-steps >= 1")
-            ablate(args.out, tables, [int(x) for x in args.seeds.split(",")], args.jobs, args.base_steps,
+            seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+            ablate(args.out, tables, seeds, args.jobs, args.base_steps,
                    run_root=args.run_root, data_root=args.data_root, dataset_size=args.dataset_size,
                    train_args=args.train_args.split())
         print(ablation_tables(load_rows(args.out, ABLATION_KEYS), tables))

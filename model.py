@@ -9,6 +9,7 @@ mask_ratio) -> (out, mask); x (B, C, H, W) latents scaled by c_in, c_noise (B,) 
 caption token features; mask (B, T) is 1 for patches dropped by masking, or None.
 """
 import math
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,6 +57,8 @@ PRESETS = {
     "MicroDiT_XS": _cpu(dim=96, depth=4, mixer_depth=1, mixer_dim=96),
     "MicroDiT_S": _cpu(dim=128, depth=6, mixer_depth=2, mixer_dim=128),
     "MicroDiT_M": _cpu(dim=192, depth=8, mixer_depth=2, mixer_dim=128),
+    # like MicroDiT_XL_2 where masking matters: 256 tokens (patch 2), a backbone 4x the mixer's depth
+    "MicroDiT_S_2": _cpu(patch_size=2, dim=96, depth=8, mixer_depth=2, mixer_dim=64),
     # tiny, for tests: every ingredient present (mixer with width maps, MoE in mixer and backbone)
     "MicroDiT_test": MicroDiTConfig(latent_size=8, latent_channels=3, patch_size=2, dim=32, depth=3,
                                     head_dim=8, caption_dim=16, mixer_depth=2, mixer_dim=16, num_experts=4,
@@ -108,8 +111,7 @@ def sincos_2d(dim, grid_size, pos_interp_scale=1.0):
 def timestep_embedding(t, dim=512, max_period=10000):
     """(B,) scalars -> (B, dim) frequency embedding as [cos, sin]."""
     half = torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2)
-    freqs = torch.exp(-math.log(max_period) * half)
-    args = t.float()[:, None] * freqs[None]
+    args = t.float()[:, None] * torch.exp(-math.log(max_period) * half)[None]
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
@@ -207,8 +209,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim, hidden, bias):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=bias)
-        self.w2 = nn.Linear(dim, hidden, bias=bias)
+        self.w1, self.w2 = nn.Linear(dim, hidden, bias=bias), nn.Linear(dim, hidden, bias=bias)
         self.w3 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
@@ -597,8 +598,7 @@ class UNet(nn.Module):
                              f"0 or 1, got transformer_depth {depth}, mid_depth {cfg.mid_depth}")
         if bad := [c for c in ch if c % groups or c % hd]:
             raise ValueError(f"UNetConfig: channels {bad} indivisible by norm_groups {groups}, head_dim {hd}")
-        emb_dim = 4 * C  # SD/IF timestep embedding width
-        is_if = cfg.block_type == "if"
+        emb_dim, is_if = 4 * C, cfg.block_type == "if"  # emb_dim: SD/IF timestep embedding width
 
         res_block = lambda c_in, c_out, resample=None: ResBlock(c_in, c_out, emb_dim, groups, is_if, resample)
         attn_block = lambda c, d: (IFAttention(c, cfg.caption_dim, hd, groups) if is_if
@@ -620,9 +620,8 @@ class UNet(nn.Module):
                 if depth[i]:
                     attn.append(attn_block(c, depth[i]))
                 skip_ch.append(c)
-            resample = None
-            if i < len(ch) - 1:
-                resample = res_block(c, c, "down") if is_if else Resample(c, up=False)
+            resample = (res_block(c, c, "down") if is_if else Resample(c, up=False)) if i < len(ch) - 1 else None
+            if resample is not None:
                 skip_ch.append(c)
             self.down.append(UNetLevel(res, attn, resample))
 
@@ -639,9 +638,7 @@ class UNet(nn.Module):
                 c = ch[i]
                 if depth[i]:
                     attn.append(attn_block(c, depth[i]))
-            resample = None
-            if i > 0:
-                resample = res_block(c, c, "up") if is_if else Resample(c, up=True)
+            resample = (res_block(c, c, "up") if is_if else Resample(c, up=True)) if i > 0 else None
             self.up.append(UNetLevel(res, attn, resample))
 
         self.norm_out = nn.GroupNorm(groups, ch[0], eps=1e-5)
@@ -649,9 +646,8 @@ class UNet(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # PyTorch default init everywhere, then zero the last layer of every residual branch and
-        # the output conv as LDM/SD and ADM do: each block starts as the identity and F(x) = 0,
-        # so the EDM denoiser starts at D(x) = c_skip * x.
+        # PyTorch's default init, then zeros on each residual branch's last layer and the output conv (LDM/SD,
+        # ADM): every block starts as the identity and F(x) = 0, so the denoiser starts at D(x) = c_skip * x
         last = {ResBlock: "conv2", SpatialTransformer: "proj_out", IFAttention: "to_out"}
         for layer in [getattr(m, last[type(m)]) for m in self.modules() if type(m) in last] + [self.conv_out]:
             nn.init.zeros_(layer.weight)
@@ -665,8 +661,7 @@ class UNet(nn.Module):
         if x.shape[1] != cfg.latent_channels or x.shape[2] % n or x.shape[3] % n:
             raise ValueError(f"UNet.forward: x {tuple(x.shape)} needs {cfg.latent_channels} channels "
                              f"and H, W divisible by {n}")
-        emb = timestep_embedding(c_noise, cfg.base_channels).to(self.conv_in.weight.dtype)
-        emb = self.t_embedder(emb)  # (B, 4C)
+        emb = self.t_embedder(timestep_embedding(c_noise, cfg.base_channels).to(self.conv_in.weight.dtype))
         if self.y_embedder is not None:
             emb = emb + self.y_embedder(y.mean(dim=1))  # all L tokens, padding included, as MicroDiT
 
@@ -704,9 +699,8 @@ def _sd2(C):
 
 
 def _if(C):
-    # Paper B gives IF-XL as [1,2,3,4], 3 res, attn [4,2,1], TD [1,1,1]. Both rows fit (within 0.3%) when
-    # "attn [4,2,1]" is read literally as attention at downsampling rates 1, 2, 4 (levels 0-2, none at 4x4;
-    # the released IF-I-XL attends at 2, 4, 8) with IF's blocks and a middle attention. See the README.
+    # Paper B's IF-XL ([1,2,3,4], 3 res, attn [4,2,1], TD [1,1,1]) fits both rows (0.3%) read as attention
+    # at downsampling rates 1, 2, 4 (the released IF-I-XL: 2, 4, 8), IF's blocks, a middle attention (README)
     return UNetConfig(base_channels=C, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                       transformer_depth=(1, 1, 1, 0), mid_depth=1, block_type="if")
 
@@ -776,25 +770,31 @@ def param_count(cfg):
 # FLOPs, counted by PyTorch itself on the meta device (no memory, no compute)
 
 
-def flops_per_image(cfg, mask_ratio=0.0, train=True, caption_len=77):
-    """FLOPs of one image through the network (forward, or forward + backward when train)."""
+MIXER = r"MicroDiT\.patch_mixer(\.\d+|_map_\w+)"  # the patch-mixer's modules: its blocks and its width maps
+
+
+def flops_per_image(cfg, mask_ratio=0.0, train=True, caption_len=77, part=None):
+    """FLOPs of one image through the network (forward, or forward + backward when train); part: only those
+    of the modules whose names match this regex (MIXER: the patch-mixer's)."""
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     with torch.device("meta"):
         net = build_model(cfg)
         x = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        y = torch.randn(1, caption_len, cfg.caption_dim)
-        c_noise = torch.zeros(1)
+        y, c_noise = torch.randn(1, caption_len, cfg.caption_dim), torch.zeros(1)
     with FlopCounterMode(display=False) as counter:
         out, _ = net(x, c_noise, y, mask_ratio)
         if train:
             out.sum().backward()
-    return counter.get_total_flops()
+    part = part or "Global"  # FlopCounterMode's name for the whole
+    return sum(sum(c.values()) for name, c in counter.get_flop_counts().items() if re.fullmatch(part, name))
 
 
 if __name__ == "__main__":
     # parameter counts and FLOPs of the MicroDiT presets (the UNets of Paper B's Table 1: scaling.py unets)
     for name, cfg in PRESETS.items():
         if isinstance(cfg, MicroDiTConfig):
-            f0, f75 = flops_per_image(cfg, 0.0), flops_per_image(cfg, 0.75)
+            L = 24 if cfg.caption_dim == 64 else 77  # caption tokens: the built-in text encoder's, or CLIP's
+            f0, f75 = flops_per_image(cfg, 0.0, caption_len=L), flops_per_image(cfg, 0.75, caption_len=L)
+            mixer = flops_per_image(cfg, 0.75, False, L, MIXER) / flops_per_image(cfg, 0.75, False, L)
             print(f"{name:16s} params {param_count(cfg):>15,d}   train GFLOPs/image: mask 0 {f0 / 1e9:9.2f}, "
-                  f"mask 0.75 {f75 / 1e9:9.2f}")
+                  f"mask 0.75 {f75 / 1e9:9.2f}   mixer's share of the forward at mask 0.75: {mixer:5.1%}")

@@ -102,6 +102,28 @@ def train_scene(seed, i):
     return scene
 
 
+def distinct_scenes(seed, n):
+    """The first n distinct training scenes of `seed`, in train_scene's order (repeats skipped): a smaller
+    world than the full stream, for the diversity-versus-size ablation."""
+    pool, i = {}, 0
+    while len(pool) < n:
+        pool.setdefault(train_scene(seed, i), None)
+        i += 1
+        if i > 1000 * n:
+            raise ValueError(f"distinct_scenes: only {len(pool)} distinct scenes in {i} draws, {n} asked for")
+    return list(pool)
+
+
+def partial_caption(scene, rng):
+    """A caption naming a random part of each object's attributes: size, colour, shape and position are each
+    named with probability 1/2 (an unnamed shape reads 'shape'), e.g. 'a red shape at the top'."""
+    def words(o):
+        size, colour, shape, where = (rng.random(4) < 0.5).tolist()
+        return " ".join(["a"] + [o.size] * size + [o.colour] * colour + [o.shape if shape else "shape"]
+                        + [PHRASES[o.position]] * where)
+    return " and ".join(words(o) for o in scene)
+
+
 def heldout_captions(n=512, seed=0):
     """n captions of held-out scenes, which training data never contains;
     no scene repeats before all are used."""

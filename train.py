@@ -58,6 +58,10 @@ class TrainConfig:
     dataset_size: int = 40_000       # built-in dataset: training images to generate (its folder is named by
                                      # size, seed, resolution, caption width and context: another is another)
     text_context: float = 0.7        # built-in dataset: the text encoder's causal context, 0 = none
+    dataset_scenes: int = 0          # built-in dataset: images cycle through this many distinct scenes; 0 = a
+                                     # fresh draw for each
+    dataset_captions: str = "full"   # built-in dataset: "partial" names a random part of each object's
+                                     # attributes in every training caption (held-out captions stay full)
     shuffle_buffer: int = 8192       # records shuffled together in memory
     num_workers: int = 0             # DataLoader workers per rank and lane
     data_lanes: int = 0              # shard streams dealt out to ranks, each filling batch_size/lanes of
@@ -232,7 +236,7 @@ def check_config(cfg, world=None):
                 "keep_ckpts", "max_bad_steps", "eval_steps"):
         need(getattr(cfg, key) >= 1, key, ">= 1")
     for key in ("num_workers", "data_lanes", "latent_size", "unmasked_steps", "micro_batch", "max_steps",
-                "warmup_steps", "seed", "threads", "eval_every", "eval_n", "val_n"):
+                "warmup_steps", "seed", "threads", "eval_every", "eval_n", "val_n", "dataset_scenes"):
         need(getattr(cfg, key) >= 0, key, ">= 0")
     need(finite(cfg.P_mean), "P_mean", "a finite number")
     for key in ("pos_interp_scale", "lr", "weight_decay", "grad_clip", "eval_guidance", "peak_flops"):
@@ -244,6 +248,7 @@ def check_config(cfg, world=None):
     for key in ("caption_dropout", "min_lr_ratio"):
         need(0 <= getattr(cfg, key) <= 1, key, "in [0, 1]")
     need(cfg.dataset in ("shapes", "shards"), "dataset", "'shapes' (built in) or 'shards'")
+    need(cfg.dataset_captions in ("full", "partial"), "dataset_captions", "'full' or 'partial'")
     need(cfg.lr_schedule in ("cosine", "constant"), "lr_schedule", "'cosine' or 'constant'")
     need(cfg.model in PRESETS, "model", f"a preset of model.py: {', '.join(PRESETS)}")
     need(cfg.out_dir.strip(), "out_dir", "a folder")
@@ -322,10 +327,13 @@ def prepare_data(cfg, mcfg, master, ddp):
     if cfg.dataset == "shapes":  # the built-in images are the latents: their size follows the model's
         res, text_dim = mcfg.latent_size, mcfg.caption_dim
         cfg.data_dir = cfg.data_dir or (f"data_cache/shapes{res}_n{cfg.dataset_size}_seed{cfg.seed}"
-                                        f"_d{text_dim}_ctx{cfg.text_context:g}")
+                                        f"_d{text_dim}_ctx{cfg.text_context:g}"
+                                        + (f"_scenes{cfg.dataset_scenes}" if cfg.dataset_scenes else "")
+                                        + ("_partial" if cfg.dataset_captions == "partial" else ""))
         if master:  # a no-op when the same dataset is already there; an error if a different one is
             data.make_shapes_dataset(cfg.data_dir, cfg.dataset_size, res=res, seed=cfg.seed,
-                                     text_dim=text_dim, context=cfg.text_context)
+                                     text_dim=text_dim, context=cfg.text_context, scenes=cfg.dataset_scenes,
+                                     captions=cfg.dataset_captions)
         if ddp:
             dist.barrier()
     index = data.read_index(cfg.data_dir)

@@ -259,6 +259,31 @@ def test_shapes_command(tmp_path):
         data.make_shapes_dataset(out, 500, seed=2, shard_size=128, val=40)
 
 
+def test_shapes_dataset_options_fewer_scenes_and_partial_captions(tmp_path):
+    full = data.load_all(data.make_shapes_dataset(str(tmp_path / "full"), 60, res=16, seed=4, val=8))
+    few = str(tmp_path / "few")
+    data.make_shapes_dataset(few, 60, res=16, seed=4, val=8, scenes=7)
+    train = data.load_all(few)
+    pool = shapes.distinct_scenes(4, 7)
+    assert train["caption"] == [shapes.caption(pool[i % 7]) for i in range(60)] and len(set(train["caption"])) == 7
+    assert torch.equal(train["latent"][7], train["latent"][0]) and not torch.equal(train["latent"][1], train["latent"][0])
+    assert data.load_all(os.path.join(few, "val"))["caption"] == shapes.heldout_captions(8, seed=4)
+    part = data.load_all(data.make_shapes_dataset(str(tmp_path / "part"), 60, res=16, seed=4, val=8,
+                                                  captions="partial"))
+    assert torch.equal(part["latent"], full["latent"])  # the same images ...
+    assert part["caption"] == [shapes.partial_caption(shapes.train_scene(4, i), np.random.default_rng([4, i, 1]))
+                               for i in range(60)] != full["caption"]  # ... named in part, deterministically
+    assert torch.equal(part["text"], shapes.BuiltinTextEncoder(64, 24)(part["caption"]).half().float())
+    assert data.load_all(str(tmp_path / "part" / "val"))["caption"] == shapes.heldout_captions(8, seed=4)  # full
+    meta = data.read_index(str(tmp_path / "part"))["meta"]
+    assert meta["captions"] == "partial" and "scenes" not in meta and "captions" not in data.read_index(
+        str(tmp_path / "full"))["meta"]  # the defaults leave the meta of older datasets unchanged
+    with pytest.raises(ValueError, match="holds a different dataset"):
+        data.make_shapes_dataset(few, 60, res=16, seed=4, val=8, scenes=8)
+    with pytest.raises(ValueError, match="captions 'full' or 'partial'"):
+        data.make_shapes_dataset(str(tmp_path / "x"), 60, captions="some")
+
+
 def test_shapes_meta_names_its_encoders_and_old_versions_are_rewritten(tmp_path, capsys):
     out = str(tmp_path / "shapes")
     data.make_shapes_dataset(out, 20, res=16, val=8, text_dim=16, max_len=12)

@@ -3,7 +3,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -50,12 +50,14 @@ def test_sweep_rows_flags_and_resume(tmp_path, monkeypatch):
 
 
 def test_ablation_runs_get_equal_flops():
-    runs = experiments.ablation_runs(list(experiments.ABLATION_TABLES), seeds=(0, 1))
+    first = ["masking", "mask_ratio", "moe", "layer_scaling", "unet", "compute"]  # the tables at MicroDiT_S's C
+    runs = experiments.ablation_runs(first, seeds=(0, 1))
     f = lambda m: flops_per_image(PRESETS["MicroDiT_S"], m, caption_len=24)
     budget = (900 * f(0.75) + 100 * f(0.0)) * 32  # MicroDiT_S at 75% masking, 1,000 steps of 32, the last 100 unmasked
     assert runs["deferred75_s0"]["steps"] == 1000 and runs["deferred75_s0"]["unmasked_steps"] == 100
     assert runs["deferred75_s1"]["flops"] == pytest.approx(budget, rel=1e-12)
-    assert {r["variant"] for r in runs.values()} == set(experiments.VARIANTS) and len(runs) == 2 * len(experiments.VARIANTS)
+    variants = {v for t in first for _, v in experiments.ABLATION_TABLES[t][1]}
+    assert {r["variant"] for r in runs.values()} == variants and len(runs) == 2 * len(variants) == 22
     for name, r in runs.items():
         frac = {"quarter": 0.25, "half": 0.5}.get(r["variant"], 1.0)
         assert r["flops"] == pytest.approx(frac * budget, rel=0.01), name  # whole steps: UNet_S's 150 are 0.7% each
@@ -89,3 +91,69 @@ def test_ablate_end_to_end(tmp_path):
     assert "| expert-choice MoE, every 2nd block |" in p.stdout and "| dense FFN |" in p.stdout
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "(2 already in" in again.stdout and len(scaling.load_rows(out, experiments.ABLATION_KEYS)) == 2
+
+
+def test_new_tables_get_the_budget_their_framing_says():
+    # budgets computed here from model.py's counter alone, as a reader would from the README's description
+    runs = experiments.ablation_runs(["masking256", "unet_depth", "data"])
+    f = lambda model, m, **kw: flops_per_image(replace(PRESETS[model], **kw), m, caption_len=24) * 32
+    masked = lambda model, steps, **kw: (steps - round(0.1 * steps)) * f(model, 0.75, **kw) + \
+        round(0.1 * steps) * f(model, 0.0, **kw)
+    budget256 = masked("MicroDiT_S_2", 800)  # the deferred run: 800 steps of 32, the last 80 unmasked
+    unet_args = dict(base_channels=24, head_dim=24)
+    budget_unet = 400 * f("UNet_S", 0.0, **unet_args)  # the wider UNet: 400 steps
+    seeds = {}
+    for name, r in runs.items():
+        seeds.setdefault(r["variant"], set()).add(r["seed"])
+        if r["variant"] in ("deferred256", "nomask256", "naive256", "small256"):
+            assert r["flops"] == pytest.approx(budget256, rel=0.01), name
+        elif r["variant"] in ("unet_td", "unet_c"):
+            assert r["flops"] == pytest.approx(budget_unet, rel=0.01), name
+    assert seeds == {v: {0, 1, 2} for v in seeds} and len(seeds) == 11  # three seeds of every variant
+    nomask = runs["nomask256_s0"]["steps"]
+    assert nomask == round(budget256 / f("MicroDiT_S_2", 0.0))
+    for name in ("deferred256_steps_s1", "naive256_steps_s1"):  # equal steps: the unmasked run's, 10% unmasked
+        r = runs[name]
+        assert r["steps"] == nomask and r["unmasked_steps"] == round(0.1 * nomask) and r["mask_ratio"] == 0.75
+    assert runs["naive256_steps_s0"]["flops"] == pytest.approx(masked("MicroDiT_S_2", nomask, mixer_depth=0))
+    assert runs["naive256_s0"]["model_args"] == "mixer_depth=0" and runs["naive256_s0"]["steps"] > 800
+    # what the variants are: 256 tokens; the smaller model's step costs the masked one's within 3%; TD vs C
+    assert PRESETS["MicroDiT_S_2"].latent_size // PRESETS["MicroDiT_S_2"].patch_size == 16
+    small = dict(dim=64, depth=6, mixer_depth=0)
+    assert runs["small256_s0"]["model_args"] == "dim=64,depth=6,mixer_depth=0"
+    assert f("MicroDiT_S_2", 0.0, **small) == pytest.approx(f("MicroDiT_S_2", 0.75), rel=0.03)
+    td, c = runs["unet_td_s0"], runs["unet_c_s0"]
+    assert abs(td["params"] / c["params"] - 1) < 0.03 and "transformer_depth=0:1:5" in td["model_args"]
+    # the data table: the deferred75 run's model and steps, on other training sets
+    for name in ("deferred75_s2", "partial_captions_s2", "scenes2000_s2"):
+        assert runs[name]["steps"] == 1000 and runs[name]["flops"] == pytest.approx(masked("MicroDiT_S", 1000))
+    assert runs["partial_captions_s0"]["data"] == "dataset_captions=partial"
+    assert runs["scenes2000_s0"]["data"] == "dataset_scenes=2000" and runs["deferred75_s0"]["data"] == ""
+
+
+def test_mixer_share_of_the_new_preset():
+    # the mixer's FLOPs counted by calling its modules one by one, against model.py's MIXER regex
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import model
+    cfg = PRESETS["MicroDiT_S_2"]
+    with torch.device("meta"):  # (on CPU tensors, torch's counter has no formula for the fused attention)
+        net = model.build_model(cfg)
+        x, y = torch.randn(1, 3, 32, 32), torch.randn(1, 24, 64)
+        h = net.x_embedder(x) + net.pos_embed
+        yy = net.y_emb_preprocess(net.y_embedder.y_proj(y))
+        c = net.t_embedder(torch.zeros(1)) + net.pooled_y_emb_process(yy.mean(1))
+        with FlopCounterMode(display=False) as counter:
+            h = net.patch_mixer_map_xin(h)
+            ym = net.patch_mixer_map_y(yy)
+            for block in net.patch_mixer:
+                h = block(h, ym, c)
+            net.patch_mixer_map_xout(h[:, :64])  # 256 tokens, 75% masked: 64 kept
+    mixer = counter.get_total_flops()
+    assert mixer == model.flops_per_image(cfg, 0.75, train=False, caption_len=24, part=model.MIXER)
+    share = mixer / model.flops_per_image(cfg, 0.75, train=False, caption_len=24)
+    assert 0.30 <= share <= 0.45, share  # as MicroDiT_XL_2's (38%): the issue's 30-45%
+    xl = model.flops_per_image("MicroDiT_XL_2", 0.75, False, part=model.MIXER) / \
+        model.flops_per_image("MicroDiT_XL_2", 0.75, False)
+    assert 0.37 < xl < 0.39

@@ -90,6 +90,34 @@ def test_heldout_never_in_training():
     assert not any(shapes.is_heldout(s) or shapes.caption(sorted(s)) in set(canonical) for s in train)
 
 
+def test_distinct_scenes_and_partial_captions():
+    pool = shapes.distinct_scenes(3, 200)
+    assert len(set(pool)) == 200 and pool == shapes.distinct_scenes(3, 200)
+    stream = [shapes.train_scene(3, i) for i in range(400)]
+    assert pool == list(dict.fromkeys(stream))[:200]  # the stream's own order, repeats skipped
+    assert not any(shapes.is_heldout(s) for s in pool)
+    # partial captions: per object, a random subset of the attributes, an unnamed shape read as "shape"
+    rng, named = np.random.default_rng(0), {"size": 0, "colour": 0, "shape": 0, "position": 0}
+    n = 0
+    for scene in stream:
+        text = shapes.partial_caption(scene, rng)
+        parts = text.split(" and ")
+        assert len(parts) == len(scene)
+        for o, part in zip(scene, parts):
+            n += 1
+            words = part.split()
+            assert words[0] == "a" and (o.shape in words or "shape" in words)
+            named["size"] += o.size in words
+            named["colour"] += o.colour in words
+            named["shape"] += o.shape in words
+            named["position"] += part.endswith(shapes.PHRASES[o.position])
+            others = set(words) - {"a", "shape", o.size, o.colour, o.shape, *shapes.PHRASES[o.position].split()}
+            assert not others, (text, scene)  # never an attribute the object does not have
+    assert all(0.4 < k / n < 0.6 for k in named.values()), (named, n)  # each kept with probability 1/2
+    assert shapes.partial_caption(stream[0], np.random.default_rng(5)) == \
+        shapes.partial_caption(stream[0], np.random.default_rng(5))
+
+
 # -----------------------------------------------------------------------------
 # scorer
 

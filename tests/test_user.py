@@ -96,7 +96,8 @@ def test_every_script_help_lists_every_flag_with_its_default(script):
 # --- 3 and acceptance 2: every field checked before any work ----------------------------------------------------
 
 BAD = {  # field -> a wrong or out-of-range value
-    "dataset": "pictures", "data_dir": "nowhere", "dataset_size": 0, "text_context": 1.5, "shuffle_buffer": 0,
+    "dataset": "pictures", "data_dir": "nowhere", "dataset_size": 0, "text_context": 1.5, "dataset_scenes": -1,
+    "dataset_captions": "some", "shuffle_buffer": 0,
     "num_workers": -1, "data_lanes": -1, "model": "MicroDiT_s", "model_args": "depht=3", "latent_size": 7,
     "pos_interp_scale": -1, "P_mean": "nan", "P_std": 0, "sigma_data": 0, "mask_ratio": 1.0,
     "unmasked_steps": -1, "caption_dropout": 1.5, "batch_size": 0, "grad_accum": 0, "micro_batch": -1,
