@@ -123,8 +123,9 @@ VARIANTS = {  # name -> what differs from BASE
     "unet": dict(model="UNet_S", mask_ratio=0.0),  # 4.2M parameters against MicroDiT_S's 3.9M
     "quarter": dict(budget=0.25),
     "half": dict(budget=0.5),
-    # masking256: MicroDiT_S_2, whose deferred run is 800 steps (of the default 1,000 --base-steps)
-    "deferred256": {**S_2, "ref": None, "steps": 0.8},
+    # masking256: MicroDiT_S_2, whose deferred run is 250 steps (of the default 1,000 --base-steps): ~8 min
+    # on one core (1.75 s per masked step of 32)
+    "deferred256": {**S_2, "ref": None, "steps": 0.25},
     "nomask256": {**S_2, "mask_ratio": 0.0},
     "naive256": {**S_2, "model_args": dict(mixer_depth=0)},
     # unmasked, 0.73M parameters: 0.85 training GFLOPs per image against the masked steps' 0.83
@@ -132,7 +133,7 @@ VARIANTS = {  # name -> what differs from BASE
     "deferred256_steps": {**S_2, "steps_of": "nomask256"},
     "naive256_steps": {**S_2, "model_args": dict(mixer_depth=0), "steps_of": "nomask256"},
     # unet_depth: about equal parameters (2.40M vs 2.36M), one deeper in transformer blocks, one wider
-    "unet_c": {**UNET_C, "ref": None, "steps": 0.4},
+    "unet_c": {**UNET_C, "ref": None, "steps": 0.2},  # 200 steps, ~1.0 s each on one core
     "unet_td": {**UNET_C, "ref": "unet_c",
                 "model_args": dict(base_channels=16, head_dim=16, transformer_depth=(0, 1, 5), mid_depth=5)},
     # data: the deferred75 run's model and steps on other training sets (evaluated on the same full captions)
