@@ -104,11 +104,15 @@ ABLATION_DATASET_SIZE = 40_000
 ABLATION_UNMASKED = 0.1  # fraction of a masked run's steps trained unmasked at its end (recipe: 30K of 280K)
 # A variant's training FLOPs are those of its `ref` variant x `budget`; a reference (ref None) takes `steps` x
 # --base-steps steps; `steps_of` gives it the same steps as another variant instead (the equal-steps framing).
-# `data`: train.py's options of the built-in dataset.
+# `data`: train.py's options of the built-in dataset. `eval`: train.py's evaluation options, where a table
+# scores fewer captions with fewer sampler steps (64 x 12 instead of 128 x 18: a third of the cost) because
+# its models' sampling costs as much as their training (256 tokens, or a UNet at full resolution).
 BASE = dict(model="MicroDiT_S", mask_ratio=0.75, model_args={}, budget=1.0, ref="deferred75", steps=1.0,
-            steps_of=None, data={})
-S_2 = dict(model="MicroDiT_S_2", ref="deferred256")  # 256 tokens, the mixer 43% of the forward at mask 0.75
-UNET_C = dict(model="UNet_S", mask_ratio=0.0, model_args=dict(base_channels=24, head_dim=24))  # 2.36M params
+            steps_of=None, data={}, eval={})
+CHEAP_EVAL = dict(eval_n=64, eval_steps=12)
+S_2 = dict(model="MicroDiT_S_2", ref="deferred256", eval=CHEAP_EVAL)  # 256 tokens, the mixer 43% at mask 0.75
+UNET_C = dict(model="UNet_S", mask_ratio=0.0, model_args=dict(base_channels=24, head_dim=24),
+              eval=CHEAP_EVAL)  # 2.36M params
 VARIANTS = {  # name -> what differs from BASE
     "deferred75": dict(ref=None),
     "nomask": dict(mask_ratio=0.0),
@@ -161,9 +165,9 @@ ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
                 "(scaling paper, TIFA, C in GFLOPs)",
                 [("C/4", "quarter"), ("C/2", "half"), ("C", "deferred75")]),
     "masking256": ("At MicroDiT_XL_2's proportions (256 tokens, a backbone 4x deeper than the mixer, the "
-                   "mixer 43% of the forward FLOPs at 75% masking; XL_2: 38%), deferred masking beats naive "
-                   "masking, no masking and a smaller unmasked model at equal FLOPs (MicroDiT paper); the last "
-                   "two rows give the masked runs the unmasked run's steps",
+                   "mixer 43% of the forward FLOPs at 75% masking; XL_2: 38%), deferred masking beats "
+                   "naive masking, no masking and a smaller unmasked model at equal FLOPs (MicroDiT paper); "
+                   "the last two rows give the masked runs the unmasked run's steps",
                    [("no masking", "nomask256"), ("naive 75% masking, no patch-mixer", "naive256"),
                     ("deferred 75% masking, patch-mixer", "deferred256"),
                     ("smaller model (dim 64, 6 blocks), no masking", "small256"),
@@ -223,12 +227,11 @@ def ablation_runs(tables, seeds=None, base_steps=ABLATION_BASE_STEPS, batch_size
             spec = {**BASE, **VARIANTS[variant]}
             cfg, steps, unmasked, flops = plan(variant)
             for seed in seeds or TABLE_SEEDS.get(t, ABLATION_SEEDS):
-                runs[f"{variant}_s{seed}"] = dict(variant=variant, seed=seed, model=spec["model"],
-                                                  mask_ratio=spec["mask_ratio"],
-                                                  model_args=model_args_text(spec["model_args"]),
-                                                  data=model_args_text(spec["data"]), params=param_count(cfg),
-                                                  steps=steps, unmasked_steps=unmasked,
-                                                  images=steps * batch_size, flops=flops)
+                texts = {k: model_args_text(spec[k]) for k in ("model_args", "data", "eval")}
+                runs[f"{variant}_s{seed}"] = dict(
+                    variant=variant, seed=seed, model=spec["model"], mask_ratio=spec["mask_ratio"], **texts,
+                    params=param_count(cfg), steps=steps, unmasked_steps=unmasked, images=steps * batch_size,
+                    flops=flops)
     return runs
 
 
@@ -258,7 +261,7 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=None, jobs=2,
             model=r["model"], mask_ratio=r["mask_ratio"], model_args=r["model_args"], max_steps=r["steps"],
             warmup_steps=r["steps"] // 10, unmasked_steps=r["unmasked_steps"], batch_size=batch_size,
             seed=r["seed"], data_dir=data_dir(r), dataset_size=dataset_size, threads=threads,
-            ckpt_every=r["steps"], **options(r)), train_args)
+            ckpt_every=r["steps"], **options(r), **VARIANTS[r["variant"]].get("eval", {})), train_args)
         row = dict(run=name, **r, **results, wall_s=round(time.time() - t0, 1))
         with lock:
             append_jsonl(out_path, row)

@@ -129,6 +129,11 @@ def test_new_tables_get_the_budget_their_framing_says():
         assert runs[name]["steps"] == 1000 and runs[name]["flops"] == pytest.approx(masked("MicroDiT_S", 1000))
     assert runs["partial_captions_s0"]["data"] == "dataset_captions=partial"
     assert runs["scenes2000_s0"]["data"] == "dataset_scenes=2000" and runs["deferred75_s0"]["data"] == ""
+    # sampling a 256-token model (or a UNet) costs as much as training it: those tables score 64 captions with
+    # 12 Heun steps; the data table scores as the older tables do (train.py's defaults, 128 x 18)
+    for name, r in runs.items():
+        new = r["model"] != "MicroDiT_S"
+        assert r["eval"] == ("eval_n=64,eval_steps=12" if new else ""), name
 
 
 def test_mixer_share_of_the_new_preset():
