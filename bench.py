@@ -5,11 +5,12 @@ Benchmarks, one function each, one printed line each (two with its profile when 
     python bench.py masking compile      # some of them
     python bench.py --threads=1 mfu      # on a shared machine one thread gives steadier numbers
     python bench.py gpu [--out=results/bench_gpu.json]   # one GPU: largest batch, images/s, MFU, memory
+    python bench.py default [--against=REV]  # `python train.py` here vs at REV, back to back
 
-"Everything" is the CPU-sized benchmarks; `gpu` runs only when named (on a machine without CUDA it runs tiny
-stand-ins, which keep its path working). Every ratio is measured side by side in one run: the timed calls of
-the things compared are interleaved (A B A B ...) and the best of each is kept, so a load change on a shared
-machine hits both alike.
+"Everything" is the CPU-sized benchmarks; `default` and `gpu` run only when named (`gpu` on a machine without
+CUDA runs tiny stand-ins, which keep its path working). Every ratio is measured side by side in one run: the
+timed calls of the things compared are interleaved (A B A B ...) and the best of each is kept, so a load
+change on a shared machine hits both alike; `default` runs its two trainings one after the other.
 """
 import copy
 import gc
@@ -481,6 +482,54 @@ def bench_gpu(out="results/bench_gpu.json"):
     return f"gpu: {len(rows)} rows in {result['seconds']:.0f} s written to {out}"
 
 
+# The commit before the default run's tuning (results/tuning.jsonl): `bench.py default` compares against it.
+PREVIOUS_DEFAULT = "HEAD"
+
+
+def timed_default_run(folder):
+    """`python train.py` in a fresh copy of the code (no data_cache: the built-in dataset is generated, as on
+    a user's first run); returns its wall clock (s) and its final record from out/default/log.jsonl."""
+    t0 = time.perf_counter()
+    with open(os.path.join(folder, "stdout.txt"), "w") as out:
+        code = subprocess.run([sys.executable, "train.py"], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}).returncode
+    wall = time.perf_counter() - t0
+    if code:
+        raise RuntimeError(f"python train.py failed in {folder} (exit {code}); see {folder}/stdout.txt")
+    with open(os.path.join(folder, "out/default/log.jsonl")) as f:
+        return wall, [r for r in map(json.loads, f) if r.get("final")][-1]
+
+
+def bench_default(against=PREVIOUS_DEFAULT):
+    """The default run of this checkout's files against that of commit `against`, one after the other on
+    this machine (keep it otherwise idle); the target: at most half the wall clock, mean accuracy >= 0.95."""
+    with tempfile.TemporaryDirectory(prefix="bench_default_") as root:
+        old, new = os.path.join(root, "old"), os.path.join(root, "new")
+        for folder in (old, new):
+            os.makedirs(folder)
+        archive = subprocess.run(["git", "archive", against], capture_output=True)  # the commit's files
+        if archive.returncode:
+            raise RuntimeError(f"git archive {against}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+        files = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout  # this one
+        tar = subprocess.run(["tar", "-c", "--null", "-T", "-"], input=files, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", new], input=tar.stdout, check=True)
+        line = lambda name, wall, r: (f"{name}: wall {wall:.0f}s (data {r.get('data_s', 0):.0f}s, train "
+                                      f"{r['train_s']:.0f}s), val loss {r['val_loss']:.4f}, shape "
+                                      f"{r['acc_shape']:.3f}, colour {r['acc_colour']:.3f}, position "
+                                      f"{r['acc_position']:.3f}, mean {r['acc_mean']:.3f}")
+        results = {}
+        for name, folder in ((f"default at {against}", old), ("default here", new)):
+            results[name] = timed_default_run(folder)
+            print(line(name, *results[name]), flush=True)
+    (w_old, _), (w_new, r) = results.values()
+    ok = w_new <= 0.5 * w_old and r["acc_mean"] >= 0.95 and min(
+        r[f"acc_{k}"] for k in ("shape", "colour", "position")) >= 0.9
+    return (f"default: {w_new / w_old:.3f}x the wall clock of {against} (target <= 0.5), mean accuracy "
+            f"{r['acc_mean']:.3f} (target >= 0.95, each of shape, colour, position >= 0.9): "
+            f"{'met' if ok else 'MISSED'}")
+
+
 def cpu_has(*flags):
     try:
         words = open("/proc/cpuinfo").read().split()
@@ -491,8 +540,8 @@ def cpu_has(*flags):
 
 BENCHMARKS = {"masking": bench_masking, "compile": bench_compile, "bf16": bench_bf16, "mfu": bench_mfu,
               "data": bench_data, "sampler": bench_sampler, "fid": bench_fid, "sampling": bench_sampling,
-              "act_ckpt": bench_act_ckpt, "gpu": bench_gpu}
-CPU_BENCHMARKS = [name for name in BENCHMARKS if name != "gpu"]  # what a bare `python bench.py` runs
+              "act_ckpt": bench_act_ckpt, "gpu": bench_gpu, "default": bench_default}
+CPU_BENCHMARKS = [name for name in BENCHMARKS if name not in ("gpu", "default")]  # a bare `python bench.py`
 
 
 def main(argv):
@@ -501,13 +550,17 @@ def main(argv):
         argv = argv[:i] + [f"--out={argv[i + 1]}"] + argv[i + 2:]
     threads = [a for a in argv if a.startswith("--threads=")]
     outs = [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
-    names = [a for a in argv if a not in threads and not a.startswith("--out=")]
+    against = [a.split("=", 1)[1] for a in argv if a.startswith("--against=")]
+    names = [a for a in argv if a not in threads and not a.startswith(("--out=", "--against="))]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         sys.exit(f"bench.py: unknown benchmark(s) or flag(s) {unknown}; known: {list(BENCHMARKS)}, "
                  "--threads=N, --out=PATH (gpu's JSON)")
     if outs and names != ["gpu"]:
         sys.exit("bench.py: --out names the gpu benchmark's JSON: `python bench.py gpu --out=PATH`")
+    if against and names != ["default"]:
+        sys.exit("bench.py: --against names the commit `python bench.py default` compares with")
+    outs = against or outs
     if threads:
         torch.set_num_threads(int(threads[-1].split("=")[1]))
     print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",

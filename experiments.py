@@ -4,6 +4,7 @@ The papers' experiments in miniature, each a real train.py run on the built-in d
     python experiments.py sweep [--out results/scaling_sweep.jsonl]      # 3 model sizes x 3 budgets
     python experiments.py ablate [--tables masking,moe] [--seeds 0,1] [--jobs 2]   # the ablations
     python experiments.py ablate --report                               # print the tables of the rows
+    python experiments.py tune [--names half,b32] [--seeds 0] [--threads 1]   # the default run's knobs
 
 The sweep's rows are fitted by `python scaling.py fit`. The ablations give every run the same training FLOPs
 (a cheaper variant takes more steps), >= 2 seeds each, and table each variant as mean +- half the range.
@@ -33,11 +34,13 @@ from scaling import Help, fit_power_law, load_rows, read_jsonl
 
 def run_train(run_dir, flags, extra_args=()):
     """Run `python train.py --key=value ... --out_dir=run_dir --resume=auto`, its output in
-    run_dir/stdout.txt; returns the run's results: final_loss and the accuracies. A run stopped part-way
-    continues on the next call."""
+    run_dir/stdout.txt; returns the run's results: final_loss, the accuracies, the wall clock of the command
+    (wall_s, Python's start included) and train.py's split of it (data_s, train_s, eval_s). A run stopped
+    part-way continues on the next call (the times are then the last call's)."""
     os.makedirs(run_dir, exist_ok=True)
     cmd = [sys.executable, "train.py", *(f"--{k}={v}" for k, v in flags.items()), f"--out_dir={run_dir}",
            "--resume=auto", *extra_args]
+    t0 = time.time()
     with open(os.path.join(run_dir, "stdout.txt"), "a") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
     if code:
@@ -47,8 +50,10 @@ def run_train(run_dir, flags, extra_args=()):
     if not finals:  # stopped by a signal: train.py checkpointed, and --resume=auto continues it next time
         raise RuntimeError(f"{run_dir}: train.py stopped before its end; run the same command to resume it")
     accs = [finals[-1][f"acc_{k}"] for k in ("shape", "colour", "position")]
+    times = {k: finals[-1][k] for k in ("data_s", "train_s", "eval_s") if k in finals[-1]}
     return dict(final_loss=finals[-1]["val_loss"], acc_shape=accs[0], acc_colour=accs[1],
-                acc_position=accs[2], acc_mean=sum(accs) / 3)
+                acc_position=accs[2], acc_mean=sum(accs) / 3, **times,
+                wall_s=round(time.time() - t0, 1))
 
 
 def append_jsonl(path, row):
@@ -77,15 +82,13 @@ def sweep(out_path="results/scaling_sweep.jsonl", models=SWEEP_MODELS, steps_lis
         for steps in steps_list:
             if (model, steps) in done:
                 continue
-            t0 = time.time()
             # each budget is its own run with its own schedule (warmup, then cosine to the end),
             # as in Chinchilla
             results = run_train(os.path.join(run_root, f"{model}_{steps}"), dict(
                 model=model, max_steps=steps, warmup_steps=steps // 10, batch_size=batch_size,
                 mask_ratio=mask_ratio, unmasked_steps=0))
             row = dict(model=model, params=param_count(PRESETS[model]), steps=steps,
-                       images=steps * batch_size, flops=f_img * steps * batch_size, **results,
-                       wall_s=round(time.time() - t0, 1))
+                       images=steps * batch_size, flops=f_img * steps * batch_size, **results)
             append_jsonl(out_path, row)
             print(json.dumps(row))
 
@@ -256,13 +259,12 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=None, jobs=2,
     lock = threading.Lock()
 
     def run(name, r):
-        t0 = time.time()
         results = run_train(os.path.join(run_root, name), dict(
             model=r["model"], mask_ratio=r["mask_ratio"], model_args=r["model_args"], max_steps=r["steps"],
             warmup_steps=r["steps"] // 10, unmasked_steps=r["unmasked_steps"], batch_size=batch_size,
             seed=r["seed"], data_dir=data_dir(r), dataset_size=dataset_size, threads=threads,
             ckpt_every=r["steps"], **options(r), **VARIANTS[r["variant"]].get("eval", {})), train_args)
-        row = dict(run=name, **r, **results, wall_s=round(time.time() - t0, 1))
+        row = dict(run=name, **r, **results)
         with lock:
             append_jsonl(out_path, row)
             print(f"ablate: {name}: {r['steps']} steps, val loss {row['final_loss']:.4f}, mean accuracy "
@@ -317,6 +319,65 @@ def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
 
 
 # -----------------------------------------------------------------------------
+# tune: the default run (`python train.py`) with some of its knobs changed, one full run at a time, as a user
+# runs it (the built-in dataset generated in each run's own folder, the final evaluation on the 128 held-out
+# captions); its wall clock split into data generation, training and evaluation.
+
+PREVIOUS = dict(batch_size=64, max_steps=2000, warmup_steps=200, unmasked_steps=250, mask_ratio=0.5, lr=1e-3,
+                min_lr_ratio=0.33, ema_decay=0.999, eval_steps=18)  # the default before the tuning
+TUNING = {"previous": ("the default before the tuning", PREVIOUS)}
+
+
+def then(name, prev, what, **changes):
+    """A candidate: `prev`'s knobs with `changes`, and why it was tried."""
+    TUNING[name] = (what, {**TUNING[prev][1], **changes})
+
+
+then("half", "previous", "800 steps (100 unmasked), EMA 0.995 to match the shorter run",
+     max_steps=800, warmup_steps=80, unmasked_steps=100, ema_decay=0.995)
+then("half_lr2", "half", "the same at twice the learning rate", lr=2e-3)
+then("b32", "half", "twice the steps at half the batch: the same images, twice the updates",
+     batch_size=32, max_steps=1600, warmup_steps=160, unmasked_steps=200, ema_decay=0.9975)
+TUNE_KEYS = ("run", "name", "seed", "threads", *PREVIOUS, "final_loss", "acc_shape", "acc_colour",
+             "acc_position", "acc_mean", "data_s", "train_s", "eval_s", "wall_s")
+
+
+def tune(out_path="results/tuning.jsonl", names=tuple(TUNING), seeds=(0,), threads=0, run_root="out/tune"):
+    """One `python train.py` per (candidate, seed), one at a time; a JSON line per finished run (resumable,
+    as every command here)."""
+    if unknown := [n for n in names if n not in TUNING]:
+        raise ValueError(f"tune: unknown candidates {unknown}; choose from {list(TUNING)}")
+    done = {r["run"] for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
+    for name in names:
+        for seed in seeds:
+            run = f"{name}_s{seed}"
+            if run in done:
+                continue
+            knobs = TUNING[name][1]
+            run_dir = os.path.join(run_root, run)  # its dataset inside it: generated in the run, as by a user
+            results = run_train(run_dir, dict(**knobs, seed=seed, threads=threads,
+                                              data_dir=os.path.join(run_dir, "data")))
+            append_jsonl(out_path, dict(run=run, name=name, seed=seed, threads=threads, **knobs, **results))
+            print(f"tune: {run}: mean accuracy {results['acc_mean']:.3f} (shape {results['acc_shape']:.3f}), "
+                  f"wall {results.get('wall_s', 0):.0f}s", flush=True)
+
+
+def tuning_table(rows):
+    """Markdown: one row per candidate, the mean over its seeds."""
+    out = ["| candidate | what changed | seeds | steps x batch | val loss | shape | colour | position | mean "
+           "| data s | train s | eval s | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (what, knobs) in TUNING.items():
+        if not (rs := [r for r in rows if r["name"] == name]):
+            continue
+        m = lambda k: np.mean([r[k] for r in rs])
+        out.append(f"| {name} | {what} | {len(rs)} | {knobs['max_steps']} x {knobs['batch_size']} | "
+                   f"{m('final_loss'):.4f} | " + " | ".join(f"{m(k):.3f}" for k in (
+                       "acc_shape", "acc_colour", "acc_position", "acc_mean")) + " | "
+                   + " | ".join(f"{m(k):.0f}" for k in ("data_s", "train_s", "eval_s", "wall_s")) + " |")
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -341,12 +402,27 @@ def main(argv=None):
     a.add_argument("--train-args", default="",
                    help="extra train.py arguments for every run, e.g. '--eval_n=64'")
     a.add_argument("--report", action="store_true", help="only print the tables of --out")
+    t = add("tune", "the default run with some knobs changed, one run at a time (calls train.py)")
+    t.add_argument("--out", default="results/tuning.jsonl", help="rows JSONL, one per finished run")
+    t.add_argument("--names", default=",".join(TUNING), help="comma-separated candidates, from: "
+                   + ", ".join(TUNING))
+    t.add_argument("--seeds", default="0", help="comma-separated seeds")
+    t.add_argument("--threads", type=int, default=0, help="train.py's --threads (0: every core)")
+    t.add_argument("--run-root", default="out/tune", help="one train.py out_dir per run below it")
+    t.add_argument("--report", action="store_true", help="only print the table of --out")
     p.epilog = "\n".join(f"python experiments.py {name} ...:\n{q.format_help()}"
                          for name, q in sub.choices.items())
     args = p.parse_args(argv)
     try:
         if args.cmd == "sweep":
             return sweep(args.out)
+        if args.cmd == "tune":
+            if not all(x.strip().isdigit() for x in args.seeds.split(",")) or args.threads < 0:
+                p.error("tune: --seeds must be comma-separated integers and --threads >= 0")
+            if not args.report:
+                tune(args.out, [n for n in args.names.split(",") if n],
+                     [int(x) for x in args.seeds.split(",")], args.threads, args.run_root)
+            return print(tuning_table(load_rows(args.out, TUNE_KEYS)))
         tables = [t for t in args.tables.split(",") if t]
         if unknown := [t for t in tables if t not in ABLATION_TABLES]:
             p.error(f"ablate: unknown --tables {unknown}; choose from {', '.join(ABLATION_TABLES)}")

@@ -639,6 +639,7 @@ def log(cfg, record):
 
 
 def train(cfg):
+    t_begin = time.perf_counter()  # the wall clock split in the final record: data, training, evaluation
     check_config(cfg)
     ddp, rank, world, device = setup_distributed(cfg.device)
     master, bf16 = rank == 0, device.type == "cuda" if cfg.bf16 is None else cfg.bf16
@@ -648,6 +649,7 @@ def train(cfg):
     if master:
         claim_out_dir(cfg)
     index = prepare_data(cfg, mcfg, master, ddp)
+    data_s = time.perf_counter() - t_begin  # (mostly the built-in dataset's generation, on the first run)
     if master:
         print("config:", json.dumps(asdict(cfg)))
 
@@ -726,17 +728,17 @@ def train(cfg):
     stop.restore()
     weights = full() if step == step_start else weights  # no step here: the weights it started with
     if master:  # ({}: AdamW's state before any step)
-        finish(cfg, *weights, {}, val, prompts, extra, state(), stopping, time.perf_counter() - t_start,
-               step - step_start, device)
+        times = dict(begin=t_begin, data_s=data_s, train_s=time.perf_counter() - t_start)
+        finish(cfg, *weights, {}, val, prompts, extra, state(), stopping, times, step - step_start, device)
     if ddp:  # the ranks tear down together, the models before the process group they use (gloo can hang)
         dist.barrier()
         del D, model, net, ema, opt
         dist.destroy_process_group()
 
 
-def finish(cfg, net, ema, opt_state, val, prompts, extra, state, stopped, train_s, steps_here, device):
+def finish(cfg, net, ema, opt_state, val, prompts, extra, state, stopped, times, steps_here, device):
     """The end of a run on rank 0: the final evaluation, in the log and the model card; the loss curve; the
-    upload."""
+    upload. times: begin (train()'s start, perf_counter), data_s and train_s (the loop's seconds)."""
     step = state["step"]
     if stopped:
         print(f"stopped by signal at step {step}; checkpoint written, the same command with --resume=auto "
@@ -745,10 +747,15 @@ def finish(cfg, net, ema, opt_state, val, prompts, extra, state, stopped, train_
     final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
     if not os.path.isdir(final):  # --max_steps=0: the initial weights are the result
         save_checkpoint(cfg, net, ema, opt_state, extra, state)
+    t_eval = time.perf_counter()
     results = evaluate(cfg, ema or net, val, prompts, extra, step, device)
-    print(f"done: {step} steps ({steps_here} here) in {train_s:.0f}s | final "
+    now = time.perf_counter()
+    split = dict(data_s=times["data_s"], train_s=times["train_s"], eval_s=now - t_eval,
+                 wall_s=now - times["begin"])
+    print(f"done: {step} steps ({steps_here} here) in {split['train_s']:.0f}s | final "
           + " ".join(f"{k} {v:.3f}" for k, v in results.items()))
-    log(cfg, {"step": step, "final": True, "train_s": train_s, **results})
+    print("wall clock: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in split.items()), flush=True)
+    log(cfg, {"step": step, "final": True, **{k: round(v, 2) for k, v in split.items()}, **results})
     add_results(final, results)  # the model card states what was measured
     plot_run(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "curve.png"))
     if cfg.push_to_hub:

@@ -88,6 +88,9 @@ def test_ablate_end_to_end(tmp_path):
         assert np.isfinite(r["final_loss"]) and 0 <= r["acc_mean"] <= 1
         log = [json.loads(line) for line in open(tmp_path / "runs" / r["run"] / "log.jsonl")]
         assert log[-1]["final"] and log[-1]["step"] == r["steps"] and log[-1]["val_loss"] == r["final_loss"]
+        t = log[-1]  # the wall clock split: data, training and evaluation inside the whole run
+        assert min(t["data_s"], t["train_s"], t["eval_s"]) > 0 and r["train_s"] == t["train_s"]
+        assert t["data_s"] + t["train_s"] + t["eval_s"] <= t["wall_s"] + 0.03 < r["wall_s"]  # r: with Python's start
     assert "| expert-choice MoE, every 2nd block |" in p.stdout and "| dense FFN |" in p.stdout
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "(2 already in" in again.stdout and len(scaling.load_rows(out, experiments.ABLATION_KEYS)) == 2
@@ -162,3 +165,43 @@ def test_mixer_share_of_the_new_preset():
     xl = model.flops_per_image("MicroDiT_XL_2", 0.75, False, part=model.MIXER) / \
         model.flops_per_image("MicroDiT_XL_2", 0.75, False)
     assert 0.37 < xl < 0.39
+
+
+# -----------------------------------------------------------------------------
+# tune: the default run's knobs
+
+
+def test_tune_runs_each_candidate_as_the_default_with_its_changes(tmp_path, monkeypatch):
+    import train
+    defaults = {f.name: f.default for f in fields(train.TrainConfig)}
+    calls = []
+
+    def fake_train(cmd, **kw):  # a train.py run: the closing record with its wall clock split
+        flags = dict(a[2:].split("=", 1) for a in cmd[2:])
+        assert set(flags) <= set(defaults), set(flags) - set(defaults)
+        calls.append(flags)
+        with open(os.path.join(flags["out_dir"], "log.jsonl"), "a") as f:
+            f.write(json.dumps({"final": True, "val_loss": 0.01, "acc_shape": 0.9, "acc_colour": 1.0,
+                                "acc_position": 0.95, "data_s": 1, "train_s": 2, "eval_s": 3, "wall_s": 6}) + "\n")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(experiments.subprocess, "run", fake_train)
+    out, root = str(tmp_path / "tuning.jsonl"), str(tmp_path / "runs")
+    experiments.tune(out, ["previous", "half"], seeds=(0, 1), threads=1, run_root=root)
+    experiments.tune(out, ["half", "b32"], seeds=(1,), threads=1, run_root=root)  # resumes: only b32_s1 is new
+    assert [(c["max_steps"], c["seed"]) for c in calls] == [("2000", "0"), ("2000", "1"), ("800", "0"),
+                                                            ("800", "1"), ("1600", "1")]
+    half = experiments.TUNING["half"][1]
+    assert calls[2] == {**{k: str(v) for k, v in half.items()}, "seed": "0", "threads": "1",
+                        "data_dir": f"{root}/half_s0/data", "out_dir": f"{root}/half_s0", "resume": "auto"}
+    rows = scaling.load_rows(out, experiments.TUNE_KEYS)
+    assert [r["run"] for r in rows] == ["previous_s0", "previous_s1", "half_s0", "half_s1", "b32_s1"]
+    assert rows[-1]["batch_size"] == 32 and rows[-1]["acc_mean"] == pytest.approx(0.95) and rows[-1]["eval_s"] == 3
+    assert 0 <= rows[-1]["wall_s"] < 5  # the command's own wall clock (here a stand-in's), not train.py's
+    table = experiments.tuning_table(rows)
+    assert "| half | " in table and "| 800 x 64 |" in table and "| 1 | 2 | 3 | 0 |" in table
+    with pytest.raises(ValueError, match="unknown candidates"):
+        experiments.tune(out, ["nope"])
+    # the knobs a candidate names are TrainConfig fields; `previous` is the default this tuning started from
+    assert all(set(knobs) <= set(defaults) for _, knobs in experiments.TUNING.values())
+    assert experiments.PREVIOUS["max_steps"] == 2000 and experiments.PREVIOUS["batch_size"] == 64
