@@ -197,6 +197,8 @@ def load_config(argv):
             key = key.replace("-", "_")
             if key not in types:
                 raise ValueError(f"unknown config key --{key} (python train.py --help lists them)")
+            if not sep and bool in (types[key], *typing.get_args(types[key])):  # a bare switch: --overwrite
+                sep, text = "=", "true"
             if not sep:
                 raise ValueError(f"--{key}: give a value as --{key}=VALUE")
             setattr(cfg, key, parse_value(key, text, types[key]))

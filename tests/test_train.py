@@ -22,6 +22,8 @@ def test_overrides_are_typed():
     cfg = train.load_config(["--max_steps=7", "--lr=3e-4", "--compile=true", "--bf16=None", "--model=MicroDiT_test"])
     assert (cfg.max_steps, cfg.lr, cfg.compile, cfg.bf16, cfg.model) == (7, 3e-4, True, None, "MicroDiT_test")
     assert train.load_config(["--bf16=false"]).bf16 is False
+    cfg = train.load_config(["--overwrite", "--compile", "--bf16"])  # a bare switch is true, as argparse's
+    assert cfg.overwrite is True and cfg.compile is True and cfg.bf16 is True
 
 
 @pytest.mark.parametrize("argv, message", [
