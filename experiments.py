@@ -343,9 +343,10 @@ then("naive75", "previous", "no patch-mixer, 75% masked (naive masking beat defe
      mask_ratio=0.75, unmasked_steps=200)
 then("naive75_1600", "naive75", "`naive75` in 1,600 steps",
      max_steps=1600, warmup_steps=160, unmasked_steps=160)
-then("naive75_u400", "naive75", "shape was the weak attribute (0.80): twice the unmasked steps at the end, in "
-     "1,800 steps to keep the time", max_steps=1800, warmup_steps=180, unmasked_steps=400)
-then("naive75_u400_lr01", "naive75_u400", "the same with the cosine down to 0.1 of the peak lr", min_lr_ratio=0.1)
+then("naive75_u400", "naive75", "shape was the weak attribute (0.80): twice the unmasked steps at the end, "
+     "in 1,800 steps to keep the time", max_steps=1800, warmup_steps=180, unmasked_steps=400)
+then("naive75_u400_lr01", "naive75_u400", "the same with the cosine down to 0.1 of the peak lr",
+     min_lr_ratio=0.1)
 TUNE_KEYS = ("run", "name", "seed", "threads", *PREVIOUS, "final_loss", "acc_shape", "acc_colour",
              "acc_position", "acc_mean", "data_s", "train_s", "eval_s", "wall_s")
 
