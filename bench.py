@@ -482,7 +482,8 @@ def bench_gpu(out="results/bench_gpu.json"):
     return f"gpu: {len(rows)} rows in {result['seconds']:.0f} s written to {out}"
 
 
-# The commit before the default run's tuning (results/tuning.jsonl): `bench.py default` compares against it.
+# What `bench.py default` compares against: HEAD until the tuning (results/tuning.jsonl) changes the
+# default, then the commit before that change.
 PREVIOUS_DEFAULT = "HEAD"
 
 
