@@ -495,8 +495,9 @@ def timed_default_run(folder):
         code = subprocess.run([sys.executable, "train.py"], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}).returncode
     wall = time.perf_counter() - t0
-    if code:
-        raise RuntimeError(f"python train.py failed in {folder} (exit {code}); see {folder}/stdout.txt")
+    if code:  # the folder is temporary: say here what it printed last
+        last = open(os.path.join(folder, "stdout.txt")).read().strip().splitlines()[-1:] or ["(nothing)"]
+        raise RuntimeError(f"python train.py failed in a copy of the code (exit {code}): {last[0]}")
     with open(os.path.join(folder, "out/default/log.jsonl")) as f:
         return wall, [r for r in map(json.loads, f) if r.get("final")][-1]
 
@@ -515,7 +516,8 @@ def bench_default(against=PREVIOUS_DEFAULT):
         files = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout  # this one
         tar = subprocess.run(["tar", "-c", "--null", "-T", "-"], input=files, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", new], input=tar.stdout, check=True)
-        line = lambda name, wall, r: (f"{name}: wall {wall:.0f}s (data {r.get('data_s', 0):.0f}s, train "
+        split = lambda r: (f"data {r['data_s']:.0f}s, " if "data_s" in r else "")  # (older logs: no split)
+        line = lambda name, wall, r: (f"{name}: wall {wall:.0f}s ({split(r)}train "
                                       f"{r['train_s']:.0f}s), val loss {r['val_loss']:.4f}, shape "
                                       f"{r['acc_shape']:.3f}, colour {r['acc_colour']:.3f}, position "
                                       f"{r['acc_position']:.3f}, mean {r['acc_mean']:.3f}")
@@ -567,7 +569,10 @@ def main(argv):
     print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",
           flush=True)
     for name in names or CPU_BENCHMARKS:
-        print(BENCHMARKS[name](*outs[-1:]), flush=True)
+        try:
+            print(BENCHMARKS[name](*outs[-1:]), flush=True)
+        except RuntimeError as e:  # a failed subprocess (bench.py default, sampling): one line
+            sys.exit(f"bench.py {name}: {e}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 import subprocess
 import textwrap
 
+import pytest
+
 import bench
 
 FAKE_TRAIN = """
@@ -32,3 +34,16 @@ def test_bench_default_compares_this_checkout_with_a_commit(tmp_path, monkeypatc
     assert bench.bench_default("HEAD").endswith("MISSED")  # shape under 0.9
     (tmp_path / "train.py").write_text(textwrap.dedent(FAKE_TRAIN.format(sleep=1.5, shape=1.0, mean=0.99)))
     assert bench.bench_default("HEAD").endswith("MISSED")  # not faster
+
+
+def test_bench_default_failure_is_one_line_with_what_train_py_said(tmp_path, monkeypatch):
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("import sys\nsys.exit('train.py: error: --lr must be > 0')\n")
+    git("add", "train.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "broken")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["default", "--against=HEAD"])
+    assert str(e.value) == ("bench.py default: python train.py failed in a copy of the code (exit 1): "
+                            "train.py: error: --lr must be > 0")
