@@ -323,8 +323,9 @@ def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
 # runs it (the built-in dataset generated in each run's own folder, the final evaluation on the 128 held-out
 # captions); its wall clock split into data generation, training and evaluation.
 
-PREVIOUS = dict(batch_size=64, max_steps=2000, warmup_steps=200, unmasked_steps=250, mask_ratio=0.5, lr=1e-3,
-                min_lr_ratio=0.33, ema_decay=0.999, eval_steps=18, model_args="")  # the default before tuning
+PREVIOUS = dict(model="MicroDiT_S", batch_size=64, max_steps=2000, warmup_steps=200, unmasked_steps=250,
+                mask_ratio=0.5, lr=1e-3, min_lr_ratio=0.33, ema_decay=0.999, eval_steps=18,
+                model_args="")  # the default before tuning; every candidate names all of these knobs
 TUNING = {"previous": ("the default before the tuning", PREVIOUS)}
 
 
@@ -348,7 +349,8 @@ then("naive75_u400", "naive75", "shape was the weak attribute (0.80): twice the 
 then("naive75_u400_lr01", "naive75_u400", "the same with the cosine down to 0.1 of the peak lr",
      min_lr_ratio=0.1)
 then("naive50_b32", "naive75", "more of each image seen (half masked) and twice the updates per image (batch 32), "
-     "in about naive75's time", batch_size=32, mask_ratio=0.5, max_steps=2900, warmup_steps=290, unmasked_steps=400)
+     "in about naive75's time; became the default", batch_size=32, mask_ratio=0.5, max_steps=2900,
+     warmup_steps=290, unmasked_steps=400)  # train.py's defaults (its preset MicroDiT_S_nomixer: these weights)
 then("naive75_b32", "naive75", "twice the updates per image (batch 32), in about naive75's time",
      batch_size=32, max_steps=3800, warmup_steps=380, unmasked_steps=400)
 then("naive50", "naive75", "half masked instead of 75%: more of each image seen, fewer steps in the same time",

@@ -68,7 +68,7 @@ class TrainConfig:
                                      # every global batch; 0 = world size. A fixed value (a multiple of every
                                      # world size used) makes the data order independent of the world size
     # model
-    model: str = "MicroDiT_S"        # a preset of model.py
+    model: str = "MicroDiT_S_nomixer"  # a preset of model.py
     model_args: str = ""             # overrides of the preset's fields, e.g. "mixer_depth=0,num_experts=0"
                                      # or "mlp_ratio=2.5:2.5" (a tuple field: values joined by ':')
     latent_size: int = 0             # 0 = the preset's; 64 for MicroDiT at 512px
@@ -77,19 +77,19 @@ class TrainConfig:
     P_mean: float = -0.6             # ln(sigma) ~ N(P_mean, P_std^2) during training
     P_std: float = 1.2               # (EDM's training noise distribution; sampling uses the Karras schedule)
     sigma_data: float = 0.9          # the data's std in the preconditioning; recorded in every checkpoint
-    mask_ratio: float = 0.5          # fraction of patches dropped after the patch-mixer
-    unmasked_steps: int = 250        # the last this-many steps train unmasked, as the recipe's stages 2 and 4
+    mask_ratio: float = 0.5          # fraction of patches dropped (after the patch-mixer, if any)
+    unmasked_steps: int = 400        # the last this-many steps train unmasked, as the recipe's stages 2 and 4
                                      # do: sampling is always unmasked, so the model ends on what it will see
     caption_dropout: float = 0.1     # captions replaced by zeros, for classifier-free guidance
     # optimisation (AdamW)
-    batch_size: int = 64             # global batch, whatever the world size: micro_batch x grad_accum x world
+    batch_size: int = 32             # global batch, whatever the world size: micro_batch x grad_accum x world
     grad_accum: int = 1              # micro-batches per optimizer step (when micro_batch = 0)
     micro_batch: int = 0             # images per rank per forward pass; > 0: grad_accum = batch_size /
                                      # (micro_batch x world), so one config fits any GPU count
-    max_steps: int = 2000            # the default run: ~12 min on 2 CPU cores
+    max_steps: int = 2900            # the default run: ~6 min on 2 idle CPU cores
     lr: float = 1e-3                 # peak learning rate of AdamW
     lr_schedule: str = "cosine"      # "cosine" (warmup, cosine to lr * min_lr_ratio) or "constant" (warmup)
-    warmup_steps: int = 200
+    warmup_steps: int = 290
     min_lr_ratio: float = 0.33       # the floor of the cosine, as a fraction of lr
     weight_decay: float = 0.1        # AdamW's decoupled weight decay
     beta1: float = 0.9               # AdamW's first-moment decay
