@@ -86,10 +86,10 @@ class TrainConfig:
     grad_accum: int = 1              # micro-batches per optimizer step (when micro_batch = 0)
     micro_batch: int = 0             # images per rank per forward pass; > 0: grad_accum = batch_size /
                                      # (micro_batch x world), so one config fits any GPU count
-    max_steps: int = 2700            # the default run: ~6 min on 2 idle CPU cores
+    max_steps: int = 2900            # the default run: ~6 min on 2 idle CPU cores
     lr: float = 1e-3                 # peak learning rate of AdamW
     lr_schedule: str = "cosine"      # "cosine" (warmup, cosine to lr * min_lr_ratio) or "constant" (warmup)
-    warmup_steps: int = 270
+    warmup_steps: int = 290
     min_lr_ratio: float = 0.33       # the floor of the cosine, as a fraction of lr
     weight_decay: float = 0.1        # AdamW's decoupled weight decay
     beta1: float = 0.9               # AdamW's first-moment decay

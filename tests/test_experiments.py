@@ -206,7 +206,7 @@ def test_tune_runs_each_candidate_as_the_default_with_its_changes(tmp_path, monk
     assert all(set(knobs) <= set(defaults) for _, knobs in experiments.TUNING.values())
     assert experiments.PREVIOUS["max_steps"] == 2000 and experiments.PREVIOUS["batch_size"] == 64
     # train.py's default is the candidate that met the target, on a preset that is MicroDiT_S without its mixer
-    chosen = experiments.TUNING["naive50_b32_2700"][1]
+    chosen = experiments.TUNING["naive50_b32"][1]
     assert chosen["model"] == "MicroDiT_S" and chosen["model_args"] == "mixer_depth=0"
     assert defaults["model"] == "MicroDiT_S_nomixer" and defaults["model_args"] == ""
     assert PRESETS["MicroDiT_S_nomixer"] == replace(PRESETS["MicroDiT_S"], mixer_depth=0)
