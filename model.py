@@ -53,14 +53,12 @@ PRESETS = {
     # as released (SPEC A2); 512px checkpoints use latent_size=64, pos_interp_scale=2
     "MicroDiT_XL_2": MicroDiTConfig(),
     "MicroDiT_Tiny_2": MicroDiTConfig(dim=512, depth=16, head_dim=32, mixer_depth=4, mixer_dim=512),
-    # XS, S and M: the scaling sweep (scaling.py) and the ablations; S_nomixer (S without the patch-mixer,
-    # trained with naive masking: half the patches dropped at the input) is the default of train.py
+    # XS, S, M: the scaling sweep and the ablations; S_nomixer (S without its patch-mixer): train.py's default
     "MicroDiT_XS": _cpu(dim=96, depth=4, mixer_depth=1, mixer_dim=96),
     "MicroDiT_S": _cpu(dim=128, depth=6, mixer_depth=2, mixer_dim=128),
     "MicroDiT_S_nomixer": _cpu(dim=128, depth=6, mixer_depth=0, mixer_dim=128),
     "MicroDiT_M": _cpu(dim=192, depth=8, mixer_depth=2, mixer_dim=128),
-    # like MicroDiT_XL_2 where masking matters: 256 tokens (patch 2), a backbone 4x the mixer's depth
-    "MicroDiT_S_2": _cpu(patch_size=2, dim=96, depth=8, mixer_depth=2, mixer_dim=64),
+    "MicroDiT_S_2": _cpu(patch_size=2, dim=96, depth=8, mixer_depth=2, mixer_dim=64),  # 256 tokens, as XL_2
     # tiny, for tests: every ingredient present (mixer with width maps, MoE in mixer and backbone)
     "MicroDiT_test": MicroDiTConfig(latent_size=8, latent_channels=3, patch_size=2, dim=32, depth=3,
                                     head_dim=8, caption_dim=16, mixer_depth=2, mixer_dim=16, num_experts=4,
