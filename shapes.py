@@ -262,28 +262,30 @@ class BuiltinTextEncoder:
         self.spec = {"type": "builtin", "dim": dim, "max_len": max_len, "context": context}
         pos, freq = torch.arange(max_len)[:, None], 10000 ** (-torch.arange(0, dim, 2) / dim)
         self.pos = torch.stack([torch.sin(pos * freq), torch.cos(pos * freq)], -1).reshape(max_len, dim)
-        self._vectors = {}
-        self.pad = self._vector("<pad>")  # '<' and ':' cannot occur in a word token, so no word shares these
+        self._vectors = {}  # word -> (D,) float32 numpy array
+        # '<' and ':' cannot occur in a word token, so no word shares these
+        self.pad = torch.from_numpy(self._vector("<pad>"))
 
     def _vector(self, word):
         # RandomState's stream is frozen across numpy versions; crc32 across runs
         if word not in self._vectors:
             rs = np.random.RandomState(zlib.crc32(word.encode()))
-            self._vectors[word] = torch.from_numpy(rs.standard_normal(self.dim).astype(np.float32))
+            self._vectors[word] = rs.standard_normal(self.dim).astype(np.float32)
         return self._vectors[word]
 
     def __call__(self, captions):
         if isinstance(captions, str):
             raise TypeError("text encoder: pass a list of captions, not one string")
-        out = self.pad.repeat(len(captions), self.max_len, 1)  # (B, L, D)
+        out = np.tile(self.pad.numpy(), (len(captions), self.max_len, 1))  # (B, L, D), in numpy: fast per row
         for b, text in enumerate(captions):
             words = re.findall(r"[a-z0-9]+", text.lower())[: self.max_len] if isinstance(text, str) else []
             if not words:
                 raise ValueError(f"text encoder: caption {b} has no words: {text!r}")
-            out[b, : len(words)] = torch.stack([self._vector(w) for w in words]) + self.pos[: len(words)]
+            row = np.stack([self._vector(w) for w in words]) + self.pos.numpy()[: len(words)]  # (n, D)
             if self.context:
-                ctx = torch.zeros(self.dim)  # (D,) what the words before this one said
-                for i, w in enumerate(words):
-                    out[b, i] += ctx
-                    ctx = self.context * ctx + self._vector("ctx:" + w)
-        return out
+                ctx = [np.zeros(self.dim, np.float32)]  # (D,) what the words before each one said
+                for w in words[:-1]:
+                    ctx.append(np.float32(self.context) * ctx[-1] + self._vector("ctx:" + w))
+                row += np.stack(ctx)
+            out[b, : len(words)] = row
+        return torch.from_numpy(out)

@@ -284,6 +284,28 @@ def test_shapes_dataset_options_fewer_scenes_and_partial_captions(tmp_path):
         data.make_shapes_dataset(str(tmp_path / "x"), 60, captions="some")
 
 
+def test_shapes_repeated_scenes_are_drawn_and_encoded_once_with_the_same_bytes(tmp_path, monkeypatch):
+    drawn, render = [], shapes.render
+    monkeypatch.setattr(shapes, "render", lambda scene, res: drawn.append(scene) or render(scene, res))
+    out = str(tmp_path / "few")
+    data.make_shapes_dataset(out, 60, res=16, val=0, text_dim=16, max_len=12, scenes=8)
+    assert len(drawn) == len(set(drawn)) == 8  # 60 images of 8 scenes: each drawn once
+    pool, everything = shapes.distinct_scenes(0, 8), data.load_all(out)
+    images = latents_to_images(everything["latent"], {"type": "pixels"})
+    assert all(np.array_equal(im, np.asarray(render(pool[i % 8], 16))) for i, im in enumerate(images))
+    enc = shapes.BuiltinTextEncoder(16, 12)  # each record's features: its caption encoded alone
+    assert torch.equal(torch.cat([enc([c]) for c in everything["caption"]]).half().float(), everything["text"])
+
+
+def test_memo_computes_each_new_key_once_and_keeps_at_most_limit():
+    calls = []
+    compute = lambda keys: calls.append(list(keys)) or [k * 10 for k in keys]
+    cache = {}
+    assert data._memo(cache, [1, 2, 1, 3], compute, limit=2) == [10, 20, 10, 30]
+    assert calls == [[1, 2, 3]] and cache == {1: 10, 2: 20}
+    assert data._memo(cache, [3, 1, 3], compute, limit=2) == [30, 10, 30] and calls[1:] == [[3]]
+
+
 def test_shapes_meta_names_its_encoders_and_old_versions_are_rewritten(tmp_path, capsys):
     out = str(tmp_path / "shapes")
     data.make_shapes_dataset(out, 20, res=16, val=8, text_dim=16, max_len=12)

@@ -180,6 +180,15 @@ def test_text_encoder():
     # with the context, 'circle' says which colour came before it; without, the two captions' 'circle' tokens agree
     swap = ["a red circle and a blue square", "a blue circle and a red square"]
     assert not torch.equal(*enc(swap)[:, 2]) and torch.equal(*shapes.BuiltinTextEncoder(64, 24, 0.0)(swap)[:, 2])
+    # bit for bit the float32 sums of the plain per-word loop (in this order): the dataset's bytes never change
+    for text in ("a small red circle on the left", "a big blue square at the top and a red triangle"):
+        words = text.split()
+        ref = torch.stack([torch.from_numpy(vector(w.encode()).astype(np.float32)) for w in words]) + enc.pos[:len(words)]
+        ctx = torch.zeros(64)
+        for i, w in enumerate(words):
+            ref[i] += ctx
+            ctx = 0.7 * ctx + torch.from_numpy(vector(b"ctx:" + w.encode()).astype(np.float32))
+        assert torch.equal(enc([text])[0, :len(words)], ref)
     assert text_encoder_from_spec({"type": "builtin", "dim": 64, "max_len": 24}).context == 0  # older specs
     assert text_encoder_from_spec(enc.spec).context == 0.7
     assert np.allclose(enc.pad, vector(b"<pad>"), atol=1e-6)
