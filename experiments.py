@@ -358,8 +358,8 @@ then("naive50_b32_2700", "naive50_b32", "`naive50_b32` measured 0.502x the previ
 then("naive50_b32_u200", "naive50_b32", "an unmasked step costs 1.5-2x a masked one and 400 unmasked steps "
      "did not beat 200 at 75% masking: 200 of them, the same 2,900 steps (shape fell to 0.86 on seed 2: not "
      "taken)", unmasked_steps=200)
-then("naive50_b32_u100", "naive50_b32_u200", "100 unmasked steps (run beside `naive50_b32_u200`'s seed 2, "
-     "which then ended its line)", unmasked_steps=100)
+then("naive50_b32_u100", "naive50_b32_u200", "100 unmasked steps; seed 0 only (`naive50_b32_u200` missed "
+     "on seed 2, so this line was not pursued)", unmasked_steps=100)
 then("naive50_b32_u200_ema998", "naive50_b32_u200", "EMA 0.998 for the unmasked steps' share of the average: "
      "the same weights bit for bit, as the EMA's warm-up min(decay, (1 + step) / (10 + step)) is below "
      "0.998 for the whole run", ema_decay=0.998)

@@ -86,7 +86,7 @@ class TrainConfig:
     grad_accum: int = 1              # micro-batches per optimizer step (when micro_batch = 0)
     micro_batch: int = 0             # images per rank per forward pass; > 0: grad_accum = batch_size /
                                      # (micro_batch x world), so one config fits any GPU count
-    max_steps: int = 2900            # the default run: 10-14 min on 2 idle CPU cores (as measured)
+    max_steps: int = 2900            # the default run: 10-14 min on 2 CPU cores (as measured)
     lr: float = 1e-3                 # peak learning rate of AdamW
     lr_schedule: str = "cosine"      # "cosine" (warmup, cosine to lr * min_lr_ratio) or "constant" (warmup)
     warmup_steps: int = 290
