@@ -43,7 +43,8 @@ from shapes import heldout_captions
 # as at 256px), a thin one-block mixer, 8 backbone blocks with the released layer-wise scaling and MoE.
 BENCH = MicroDiTConfig(latent_size=32, latent_channels=4, patch_size=2, dim=256, depth=8, head_dim=64,
                        caption_dim=64, mixer_depth=1, mixer_dim=64, num_experts=4, multiple_of=64)
-BATCH, CAPTION_LEN = 16, 16  # images per step, caption tokens
+BATCH = 16  # images per step
+CAPTION_LEN = 16  # caption tokens
 
 
 def timed(fn, warmup=1, iters=3):
@@ -83,7 +84,8 @@ def bench_model(seed=0):
     """The bench network, and a fixed random batch of latents (B, 4, 32, 32) and captions (B, L, 64)."""
     torch.manual_seed(seed)
     net = build_model(BENCH)
-    x, y = torch.randn(BATCH, 4, 32, 32), torch.randn(BATCH, CAPTION_LEN, BENCH.caption_dim)
+    x = torch.randn(BATCH, 4, 32, 32)
+    y = torch.randn(BATCH, CAPTION_LEN, BENCH.caption_dim)
     return net, x, y
 
 
@@ -107,7 +109,10 @@ def gflops(mask_ratio):
     return flops_per_image(BENCH, mask_ratio, caption_len=CAPTION_LEN) / 1e9
 
 
-_steps, _peaks, _compile_s = {}, {}, []
+# measured once, on first use, and shared by the benchmarks below
+_steps = {}  # {name: (seconds, step fn)}, see steps()
+_peaks = {}  # {dtype: matmul FLOP/s}, see peaks()
+_compile_s = []  # [seconds the compiled step took to compile]
 
 
 def steps():
@@ -123,7 +128,9 @@ def steps():
         for _ in range(2):  # the first calls compile the forward and the backward
             fns["compiled"]()
         _compile_s.append(time.perf_counter() - t0)
-        _steps.update({k: (t, fns[k]) for k, t in zip(fns, compare(list(fns.values()), iters=5))})
+        times = compare(list(fns.values()), iters=5)
+        for name, t in zip(fns, times):
+            _steps[name] = (t, fns[name])
     return _steps
 
 
@@ -131,8 +138,8 @@ def peaks():
     """Measured matmul FLOP/s of this machine in fp32 and bf16
     (parallel.measure_peak_flops: MFU's denominator)."""
     if not _peaks:
-        _peaks.update({dt: measure_peak_flops(torch.device("cpu"), dt)
-                       for dt in (torch.float32, torch.bfloat16)})
+        for dt in (torch.float32, torch.bfloat16):
+            _peaks[dt] = measure_peak_flops(torch.device("cpu"), dt)
     return _peaks
 
 
@@ -140,20 +147,22 @@ def peaks():
 
 def bench_masking():
     """Step time at mask ratio 0, 0.5, 0.75: deferred masking gives the backbone 4x fewer tokens
-    at 0.75 (SPEC A1)."""
+    at 0.75 (the MicroDiT paper's deferred masking)."""
     t = [steps()[f"mask {m:g}"][0] for m in (0.0, 0.5, 0.75)]
     speedup = t[0] / t[2]
     line = (f"masking: step {' / '.join(f'{1000 * s:.0f}' for s in t)} ms at mask ratio 0 / 0.5 / 0.75 "
             f"(batch {BATCH}, {param_count(BENCH) / 1e6:.1f}M params): 0.75 vs 0 {speedup:.2f}x "
             f"[{verdict(speedup, 2.5)}] (FLOPs ratio {gflops(0) / gflops(0.75):.2f}x), "
             f"0.5 vs 0 {t[0] / t[1]:.2f}x")
-    return line + ("" if speedup >= 2.5
-                   else "\n" + profile(steps()["mask 0.75"][1], "a step at mask ratio 0.75"))
+    if speedup < 2.5:
+        line += "\n" + profile(steps()["mask 0.75"][1], "a step at mask ratio 0.75")
+    return line
 
 
 def bench_compile():
     """Eager vs torch.compile (inductor; forward and backward compiled, AdamW eager) at mask ratio 0.75."""
-    (eager, eager_fn), (comp, comp_fn) = steps()["mask 0.75"], steps()["compiled"]
+    eager, eager_fn = steps()["mask 0.75"]
+    comp, comp_fn = steps()["compiled"]
     speedup = eager / comp
     line = (f"compile: step {1000 * eager:.0f} ms eager vs {1000 * comp:.0f} ms compiled at mask ratio 0.75: "
             f"{speedup:.2f}x [{verdict(speedup, 1.2)}] (compiling took {_compile_s[0]:.0f} s)")
@@ -164,8 +173,10 @@ def bench_compile():
 
 def bench_bf16():
     """fp32 vs bf16 autocast at mask ratio 0.75, beside the matmul peak of each dtype on this machine."""
-    fp32, bf16 = steps()["mask 0.75"][0], steps()["bf16"][0]
-    p32, p16 = peaks()[torch.float32], peaks()[torch.bfloat16]
+    fp32 = steps()["mask 0.75"][0]
+    bf16 = steps()["bf16"][0]
+    p32 = peaks()[torch.float32]
+    p16 = peaks()[torch.bfloat16]
     return (f"bf16: step {1000 * fp32:.0f} ms fp32 vs {1000 * bf16:.0f} ms bf16 autocast at mask ratio 0.75: "
             f"{fp32 / bf16:.2f}x; matmul peak {p32 / 1e9:.0f} GFLOP/s fp32 vs {p16 / 1e9:.0f} bf16 "
             f"({p32 / p16:.1f}x; CPU has avx512_bf16 or amx_bf16: {cpu_has('avx512_bf16', 'amx_bf16')})")
@@ -173,16 +184,21 @@ def bench_bf16():
 
 def bench_mfu():
     """Achieved FLOP/s (model.flops_per_image x images/s) over the measured matmul peak of the same dtype."""
-    p32, p16 = peaks()[torch.float32], peaks()[torch.bfloat16]
-    mfu = lambda name, m, peak: 100 * gflops(m) * 1e9 * BATCH / steps()[name][0] / peak  # percent
+    p32 = peaks()[torch.float32]
+    p16 = peaks()[torch.bfloat16]
+
+    def mfu(name, mask_ratio, peak):  # percent of the peak that step `name` achieves
+        return 100 * gflops(mask_ratio) * 1e9 * BATCH / steps()[name][0] / peak
+
     target = mfu("compiled", 0.75, p32)
     line = (f"mfu: compiled fp32 at mask 0.75 {target:.0f}% of the {p32 / 1e9:.0f} GFLOP/s fp32 matmul peak "
             f"[{verdict(target, 40)}]; eager fp32 at mask 0 / 0.5 / 0.75: {mfu('mask 0', 0.0, p32):.0f}% / "
             f"{mfu('mask 0.5', 0.5, p32):.0f}% / {mfu('mask 0.75', 0.75, p32):.0f}%; bf16 at 0.75: "
             f"{mfu('bf16', 0.75, p16):.0f}% of the {p16 / 1e9:.0f} GFLOP/s bf16 peak ({gflops(0):.2f} / "
             f"{gflops(0.75):.2f} training GFLOPs per image at mask 0 / 0.75)")
-    return line + ("" if target >= 40
-                   else "\n" + profile(steps()["compiled"][1], "a compiled step at mask 0.75"))
+    if target < 40:
+        line += "\n" + profile(steps()["compiled"][1], "a compiled step at mask 0.75")
+    return line
 
 
 def bench_data():
@@ -257,14 +273,19 @@ def bench_sampling(n_mem=32):
     prompts are the built-in dataset's held-out captions (its text encoder caches a vector per word)."""
     torch.manual_seed(0)
     D = Denoiser(build_model("MicroDiT_S").eval())
-    encoders, prompts = load_encoders(SAMPLING), heldout_captions(10 * n_mem)
+    encoders = load_encoders(SAMPLING)
+    prompts = heldout_captions(10 * n_mem)
     with tempfile.TemporaryDirectory() as root:
-        def writer(b, n, steps=18):  # n images a call, each PNG written atomically as in a real run
+        def writer(b, n, steps=18):  # a call that writes n images, each PNG atomically as in a real run
             out = f"{root}/b{b}"
             os.makedirs(out, exist_ok=True)
             args = SimpleNamespace(batch_size=b, seed=0, steps=steps, guidance=4.0, bf16=False, out=out)
-            return lambda: sample_to_folder(D, SAMPLING, encoders, prompts, list(range(n)), args, (0, 1), {},
-                                            tqdm(disable=True))
+
+            def write():
+                sample_to_folder(D, SAMPLING, encoders, prompts, list(range(n)), args, (0, 1), {},
+                                 tqdm(disable=True))
+            return write
+
         writer(1, 1, steps=2)()  # warm-up
         sizes = {1: 2, 8: 8, 32: 32}  # batch size: images per timed call
         times = compare([writer(b, n) for b, n in sizes.items()], warmup=0, iters=2)
@@ -304,7 +325,9 @@ def bench_act_ckpt():
     ckpt = copy.deepcopy(net)
     checkpoint_blocks(ckpt)
     plain_s, ckpt_s = compare([train_step(net, x, y, 0.75), train_step(ckpt, x, y, 0.75)], iters=3)
-    rss = {m: peak_rss_mb(["-c", ACT_CKPT_STEP, m], torch.get_num_threads()) for m in ("plain", "ckpt")}
+    rss = {}  # peak memory (MB) of a fresh process taking one step
+    for mode in ("plain", "ckpt"):
+        rss[mode] = peak_rss_mb(["-c", ACT_CKPT_STEP, mode], torch.get_num_threads())
     return (f"act_ckpt: step {1000 * plain_s:.0f} ms without vs {1000 * ckpt_s:.0f} ms with activation "
             f"checkpointing ({ckpt_s / plain_s:.2f}x the time; batch {BATCH}, mask 0.75); peak RSS of one "
             f"step at batch 64: {rss['plain']:.0f} MB vs {rss['ckpt']:.0f} MB "
@@ -324,7 +347,9 @@ GPU_CASES = [  # (row, preset, resolution in pixels, mask ratio): the MicroDiT r
     ("UNet_SDXL_C320 256px", "UNet_SDXL_C320", 256, 0.0),
 ]
 CPU_STAND_INS = {"MicroDiT_XL_2": "MicroDiT_test", "UNet_SDXL_C320": "UNet_test"}  # tiny, fp32, on a CPU
-GPU_SEARCH, CPU_SEARCH = (8, 4096), (2, 4)  # batch search: first batch tried, largest batch tried
+# the batch search: (first batch tried, largest batch tried)
+GPU_SEARCH = (8, 4096)
+CPU_SEARCH = (2, 4)
 GPU_CAPTION_LEN = 77  # OpenCLIP-H tokens
 
 
@@ -335,7 +360,11 @@ def gpu_peak(device):
         peak = measure_peak_flops(device, torch.float32)
         return peak, f"measured fp32 matmul peak of this CPU, {peak / 1e9:.0f} GFLOP/s"
     name = torch.cuda.get_device_name(device)
-    label, peak = next(((label, peak) for key, label, peak in GPU_PEAKS if key in name), (None, None))
+    label, peak = None, None  # a GPU not in the table, or one whose peak is measured
+    for key, key_label, key_peak in GPU_PEAKS:
+        if key in name:  # the first match
+            label, peak = key_label, key_peak
+            break
     if peak:
         return peak, f"{label} bf16 dense datasheet peak, {peak / 1e12:.1f} TFLOP/s"
     peak = measure_peak_flops(device, torch.bfloat16, n=8192)  # a matmul large enough to fill the GPU
@@ -349,8 +378,9 @@ def case_config(preset, res, cuda):
         return config_at(preset, res)
     cfg = get_config(CPU_STAND_INS[preset])
     scale = res // 256
-    extra = {"pos_interp_scale": float(scale)} if isinstance(cfg, MicroDiTConfig) else {}
-    return replace(cfg, latent_size=cfg.latent_size * scale, **extra)
+    if isinstance(cfg, MicroDiTConfig):
+        return replace(cfg, latent_size=cfg.latent_size * scale, pos_interp_scale=float(scale))
+    return replace(cfg, latent_size=cfg.latent_size * scale)
 
 
 def step_at(net, opt, cfg, mask_ratio, device, bf16):
@@ -378,25 +408,39 @@ def runs(step, batch):
 def largest_batch(step, start, limit):
     """The largest batch that runs: double from `start` until out of memory (or `limit`), then bisect down to
     1/16 of the batch (each probe is a training step); 0 if even `start` does not run."""
-    lo, hi, b = 0, None, start
+    lo = 0  # the largest batch known to run
+    hi = None  # the smallest batch known not to run
+    b = start
     while hi is None and lo < limit:
         if runs(step, b):
-            lo, b = b, min(2 * b, limit)
+            lo = b
+            b = min(2 * b, limit)
         else:
             hi = b
     while hi is not None and hi - lo > max(1, lo // 16):
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if runs(step, mid) else (lo, mid)
+        if runs(step, mid):
+            lo = mid
+        else:
+            hi = mid
     return lo
 
 
 def measure_case(step, batch, device, iters):
     """(seconds per step, peak bytes allocated or None on a CPU) at `batch` images, best of `iters` steps."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+
+    def synced_step():  # CUDA runs the step asynchronously: wait for it, so the clock times it
+        step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    dt = timed(lambda: (step(batch), sync()), warmup=1, iters=iters)
-    return dt, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    dt = timed(synced_step, warmup=1, iters=iters)
+    if not cuda:
+        return dt, None
+    return dt, torch.cuda.max_memory_allocated(device)
 
 
 def planned_bytes(cfg, batch, mask_ratio, bf16):
@@ -436,7 +480,8 @@ def bench_case(case, device, peak):
         raise RuntimeError(f"bench.py gpu: {case[0]}: not even {search[0]} images fit on this device")
     planned = planned_bytes(cfg, batch, mask_ratio, cuda)
     iters = 3 if cuda else 1
-    rows = [gpu_row(case, cfg, False, batch, *measure_case(step, batch, device, iters), peak, planned, None)]
+    dt, peak_bytes = measure_case(step, batch, device, iters)
+    rows = [gpu_row(case, cfg, False, batch, dt, peak_bytes, peak, planned, None)]
     # Compiled: inductor on a GPU; aot_eager on a CPU, where building inductor's C++ kernels would make the
     # stand-ins' test take minutes. Each new batch size recompiles, so the compiled step runs at the eager
     # search's batch (inductor's graphs usually save less for backward than eager), searching down from
@@ -444,7 +489,9 @@ def bench_case(case, device, peak):
     compiled = torch.compile(net, backend="inductor" if cuda else "aot_eager")
     step_c = step_at(compiled, opt, cfg, mask_ratio, device, bf16=cuda)
     t0 = time.perf_counter()
-    batch_c = batch if runs(step_c, batch) else largest_batch(step_c, search[0], batch)
+    batch_c = batch
+    if not runs(step_c, batch):
+        batch_c = largest_batch(step_c, search[0], batch)
     compile_s = time.perf_counter() - t0  # the first step (or the search): dominated by compiling
     if batch_c != batch:
         planned = planned_bytes(cfg, batch_c, mask_ratio, cuda)
@@ -460,17 +507,23 @@ def bench_gpu(out="results/bench_gpu.json"):
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     peak, source = gpu_peak(device)
-    what = (torch.cuda.get_device_name(device) if cuda else
-            f"CPU STAND-INS ({', '.join(sorted(set(CPU_STAND_INS.values())))} in fp32, batch search up to "
-            f"{CPU_SEARCH[1]}): no CUDA device here, so these rows only keep the path working")
+    if cuda:
+        what = torch.cuda.get_device_name(device)
+    else:
+        stand_ins = ", ".join(sorted(set(CPU_STAND_INS.values())))
+        what = (f"CPU STAND-INS ({stand_ins} in fp32, batch search up to {CPU_SEARCH[1]}): no CUDA device "
+                f"here, so these rows only keep the path working")
     print(f"gpu: {what}; MFU against the {source}", flush=True)
     print(f"  {'case':31s} {'compiled':>8s} {'batch':>6s} {'images/s':>9s} {'MFU':>6s} {'peak GB':>8s} "
           f"{'planned GB':>10s} {'compile s':>9s}", flush=True)
-    rows, t0 = [], time.perf_counter()
+    def fmt(v, spec):  # a number, or n/a where there is none (no peak memory on a CPU, no compile time)
+        return "n/a" if v is None else format(v, spec)
+
+    rows = []
+    t0 = time.perf_counter()
     for case in GPU_CASES:
         for r in bench_case(case, device, peak):
             rows.append(r)
-            fmt = lambda v, f: "n/a" if v is None else format(v, f)
             print(f"  {r['case']:31s} {'yes' if r['compiled'] else 'no':>8s} {r['batch']:6d} "
                   f"{r['images_per_s']:9.1f} {r['mfu']:6.1%} {fmt(r['peak_memory_gb'], '8.3g'):>8s} "
                   f"{r['planned_gb']:10.3g} {fmt(r['compile_s'], '9.0f'):>9s}", flush=True)
@@ -492,26 +545,44 @@ def timed_default_run(folder):
     """`python train.py` in a fresh copy of the code (no data_cache: the built-in dataset is generated, as on
     a user's first run); returns its wall clock (s), what `time` would print for it, and its final record from
     out/default/log.jsonl."""
-    t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(os.path.join(folder, "stdout.txt"), "w") as out:
         code = subprocess.run([sys.executable, "train.py"], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}).returncode
-    wall, cpu = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
-    clock = lambda s: f"{int(s // 60)}m{s % 60:.3f}s"
+    wall = time.perf_counter() - t0
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def clock(s):  # as bash's `time` prints it
+        return f"{int(s // 60)}m{s % 60:.3f}s"
+
     timing = (f"real {clock(wall)} user {clock(cpu.ru_utime - cpu0.ru_utime)} "
               f"sys {clock(cpu.ru_stime - cpu0.ru_stime)}")
     if code:  # the folder is temporary: say here what it printed last
-        last = open(os.path.join(folder, "stdout.txt")).read().strip().splitlines()[-1:] or ["(nothing)"]
-        raise RuntimeError(f"python train.py failed in a copy of the code (exit {code}): {last[0]}")
+        with open(os.path.join(folder, "stdout.txt")) as f:
+            printed = f.read().strip().splitlines()
+        last = printed[-1] if printed else "(nothing)"
+        raise RuntimeError(f"python train.py failed in a copy of the code (exit {code}): {last}")
     with open(os.path.join(folder, "out/default/log.jsonl")) as f:
-        return wall, timing, [r for r in map(json.loads, f) if r.get("final")][-1]
+        records = [json.loads(line) for line in f]
+    final = [r for r in records if r.get("final")][-1]
+    return wall, timing, final
+
+
+def default_line(name, wall, timing, r):
+    """The printed line of one default run: its times, validation loss and accuracies."""
+    split = f"data {r['data_s']:.0f}s, " if "data_s" in r else ""  # (older logs: no split)
+    return (f"{name}: {timing}; wall {wall:.0f}s ({split}train {r['train_s']:.0f}s), val loss "
+            f"{r['val_loss']:.4f}, shape {r['acc_shape']:.3f}, colour {r['acc_colour']:.3f}, position "
+            f"{r['acc_position']:.3f}, mean {r['acc_mean']:.3f}")
 
 
 def bench_default(against=PREVIOUS_DEFAULT):
     """The default run of this checkout's files against that of commit `against`, one after the other on
     this machine (keep it otherwise idle); the target: at most half the wall clock, mean accuracy >= 0.95."""
     with tempfile.TemporaryDirectory(prefix="bench_default_") as root:
-        old, new = os.path.join(root, "old"), os.path.join(root, "new")
+        old = os.path.join(root, "old")
+        new = os.path.join(root, "new")
         for folder in (old, new):
             os.makedirs(folder)
         archive = subprocess.run(["git", "archive", against], capture_output=True)  # the commit's files
@@ -521,18 +592,14 @@ def bench_default(against=PREVIOUS_DEFAULT):
         files = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout  # this one
         tar = subprocess.run(["tar", "-c", "--null", "-T", "-"], input=files, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", new], input=tar.stdout, check=True)
-        split = lambda r: (f"data {r['data_s']:.0f}s, " if "data_s" in r else "")  # (older logs: no split)
-        line = lambda name, wall, timing, r: (f"{name}: {timing}; wall {wall:.0f}s ({split(r)}train "
-                                      f"{r['train_s']:.0f}s), val loss {r['val_loss']:.4f}, shape "
-                                      f"{r['acc_shape']:.3f}, colour {r['acc_colour']:.3f}, position "
-                                      f"{r['acc_position']:.3f}, mean {r['acc_mean']:.3f}")
         results = {}
         for name, folder in ((f"default at {against}", old), ("default here", new)):
             results[name] = timed_default_run(folder)
-            print(line(name, *results[name]), flush=True)
-    (w_old, _, _), (w_new, _, r) = results.values()
-    ok = w_new <= 0.5 * w_old and r["acc_mean"] >= 0.95 and min(
-        r[f"acc_{k}"] for k in ("shape", "colour", "position")) >= 0.9
+            print(default_line(name, *results[name]), flush=True)
+    w_old = results[f"default at {against}"][0]
+    w_new, _, r = results["default here"]
+    each_ok = min(r[f"acc_{k}"] for k in ("shape", "colour", "position")) >= 0.9
+    ok = w_new <= 0.5 * w_old and r["acc_mean"] >= 0.95 and each_ok
     return (f"default: {w_new / w_old:.3f}x the wall clock of {against} (target <= 0.5), mean accuracy "
             f"{r['acc_mean']:.3f} (target >= 0.95, each of shape, colour, position >= 0.9): "
             f"{'met' if ok else 'MISSED'}")
@@ -568,14 +635,14 @@ def main(argv):
         sys.exit("bench.py: --out names the gpu benchmark's JSON: `python bench.py gpu --out=PATH`")
     if against and names != ["default"]:
         sys.exit("bench.py: --against names the commit `python bench.py default` compares with")
-    outs = against or outs
+    args = (against or outs)[-1:]  # the one argument a benchmark takes: gpu's --out, default's --against
     if threads:
         torch.set_num_threads(int(threads[-1].split("=")[1]))
     print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",
           flush=True)
     for name in names or CPU_BENCHMARKS:
         try:
-            print(BENCHMARKS[name](*outs[-1:]), flush=True)
+            print(BENCHMARKS[name](*args), flush=True)
         except RuntimeError as e:  # a failed subprocess (bench.py default, sampling): one line
             sys.exit(f"bench.py {name}: {e}")
 

@@ -91,10 +91,12 @@ def read_weights(path, skip=()):
     except Exception as e:  # a truncated file, a refused pickle, a corrupt header: all name the file
         raise ValueError(f"{path}: not a plain tensor state dict that loads safely "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from None
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if isinstance(sd, dict) and "state_dict" in sd:  # a state dict saved inside a training checkpoint
+        sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: not a plain tensor state dict but a {type(sd).__name__}")
-    if bad := [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]:
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
         raise ValueError(f"{path}: not a plain tensor state dict; non-tensor entries: {bad[:5]}")
     return {k: v for k, v in sd.items() if not k.startswith(skip)}
 
@@ -103,11 +105,17 @@ def load_state_dict(module, sd, where, assign=False):
     """module.load_state_dict(sd, strict=True), after naming every missing, unexpected or mis-shaped key.
     assign=True puts the tensors in place of the module's own (a module built on the meta device)."""
     want = module.state_dict()
-    missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
+    missing = sorted(want.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - want.keys())
     shapes = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
               for k, v in want.items() if k in sd and sd[k].shape != v.shape]
+
+    def few(names):  # the first 8 names, and how many more
+        if len(names) > 8:
+            return f"{names[:8]} (+{len(names) - 8} more)"
+        return f"{names[:8]}"
+
     if missing or unexpected or shapes:
-        few = lambda names: f"{names[:8]}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
         raise ValueError(f"{where}: weights do not fit the model: {len(missing)} missing {few(missing)}, "
                          f"{len(unexpected)} unexpected {few(unexpected)}, {len(shapes)} of wrong shape "
                          f"{few(shapes)}")
@@ -148,7 +156,8 @@ def find_file(repo, names, folders):
     """(path, name, folder) of the first of `names` present in the first of `folders` that has one."""
     for folder in folders:
         for name in names:
-            if path := hub_file(repo, name, folder):
+            path = hub_file(repo, name, folder)
+            if path:
                 return path, name, folder
     where = ", ".join(repr(f or "<root>") for f in folders)
     hint = "" if os.path.isdir(repo) else offline_hint()
@@ -157,17 +166,21 @@ def find_file(repo, names, folders):
 
 def parse_hub_root(root):
     """'hf://datasets/USER/NAME[@REVISION][/SUBDIR]' -> (repo_id, revision or None, subdir or None)."""
-    parts = root[len(HUB_DATASETS):].strip("/").split("/") if root.startswith(HUB_DATASETS) else []
+    parts = []  # USER, NAME[@REVISION], SUBDIR...
+    if root.startswith(HUB_DATASETS):
+        parts = root[len(HUB_DATASETS):].strip("/").split("/")
     if len(parts) < 2 or not parts[0] or not parts[1].partition("@")[0]:
         raise ValueError(f"{root!r}: expected a local folder or hf://datasets/USER/NAME[@REVISION][/SUBDIR]")
     name, _, revision = parts[1].partition("@")
-    return f"{parts[0]}/{name}", revision or None, "/".join(parts[2:]) or None
+    subdir = "/".join(parts[2:])
+    return f"{parts[0]}/{name}", revision or None, subdir or None
 
 # -----------------------------------------------------------------------------
 # Checkpoint folders
 
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "ema.safetensors", "README.md"]  # a Hub repo's files
-# The frozen encoders of the released MicroDiT (SPEC A5): DFN5B CLIP text tower; SDXL VAE or 16-channel VAE
+# The frozen encoders of the released MicroDiT (its configs/*.yaml and README): DFN5B CLIP text tower;
+# SDXL VAE or 16-channel VAE
 RELEASED_TEXT_ENCODER = {"type": "clip", "repo": "apple/DFN5B-CLIP-ViT-H-14-378", "subfolder": None}
 RELEASED_VAES = {4: {"type": "vae", "repo": "stabilityai/stable-diffusion-xl-base-1.0", "subfolder": "vae"},
                  16: {"type": "vae", "repo": "ostris/vae-kl-f8-d16", "subfolder": None}}
@@ -211,7 +224,8 @@ def load_pretrained(ref, ema=True, device="cpu", official_preset="MicroDiT_XL_2"
     MicroDiT .pt file goes through load_official, built as official_preset."""
     if os.path.isfile(ref) and ref.endswith((".pt", ".pth", ".bin")):
         return load_official(ref, official_preset, device)
-    if os.path.isfile(ref) or not os.path.isfile(path := os.path.join(ref, "config.json")):
+    path = os.path.join(ref, "config.json")
+    if os.path.isfile(ref) or not os.path.isfile(path):
         raise FileNotFoundError(f"{ref}: not a checkpoint folder (no config.json) nor a released .pt file")
     config = read_json(path)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
@@ -233,7 +247,8 @@ def load_official(path, preset="MicroDiT_XL_2", device="cpu"):
         raise ValueError(f"{path}: not a MicroDiT state dict (no x_embedder.proj.weight / pos_embed)")
     C, p = sd["x_embedder.proj.weight"].shape[1], sd["x_embedder.proj.weight"].shape[2]
     size = math.isqrt(sd["pos_embed"].shape[1]) * p
-    # the 512px release keeps the 256px position range: interp scale = latent size / the preset's (SPEC A2)
+    # the 512px release keeps the 256px position range (pos_interp_scale 2.0 in the official
+    # configs/res_512_pretrain.yaml): interp scale = latent size / the preset's
     cfg = get_config(preset, latent_channels=C, latent_size=size,
                      pos_interp_scale=size / PRESETS[preset].latent_size)
     net = load_state_dict(build_model(cfg), sd, path)
@@ -248,8 +263,9 @@ def resolve_checkpoint(ref):
     if os.path.isfile(ref) or os.path.isfile(os.path.join(ref, "config.json")):
         return ref
     if os.path.isdir(ref):
-        if done := list_checkpoints(ref):
-            return done[0]
+        done = list_checkpoints(ref)
+        if done:
+            return done[0]  # the newest
         raise FileNotFoundError(f"{ref}: no checkpoint in this folder (no config.json, no ckpt-* folder)")
     parts = ref.strip("/").split("/")
     if len(parts) < 2 or ref.startswith((".", "/")) or os.path.isdir(parts[0]):  # a local path, not there
@@ -270,18 +286,21 @@ def resolve_checkpoint(ref):
 
 def model_card(config):
     """The model card (README.md) of a checkpoint: what it is, how to sample from it, its config, results."""
-    m, results = config["model"], config.get("results", {})
     data = ModelCardData(tags=["text-to-image", "diffusion", "microdit"], pipeline_tag="text-to-image")
     lines = [f"# {config['model_type']} ({config.get('train', {}).get('model', 'custom config')})", "",
              "A text-to-image diffusion model trained with the minimal MicroDiT codebase (EDM objective).",
              "", "```bash", "python sample.py --ckpt <this repo id> --prompt \"a red circle on the left\"",
              "```", "",
              f"Text encoder: `{json.dumps(config.get('text_encoder'))}`; "
-             f"latents: `{json.dumps(config.get('latents'))}`", "",
-             "| config | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in m.items()]
+             f"latents: `{json.dumps(config.get('latents'))}`", ""]
+    lines += ["| config | value |", "|---|---|"]
+    for k, v in config["model"].items():
+        lines.append(f"| {k} | {v} |")
+    results = config.get("results", {})
     if results:
-        lines += ["", "| measured | value |", "|---|---|"] + [
-            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+        lines += ["", "| measured | value |", "|---|---|"]
+        for k, v in results.items():
+            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines) + "\n")
 
 
@@ -307,8 +326,11 @@ def push_to_hub(folder, repo_id, private=False):
 
 def save_train_state(folder, opt_state, state):
     """AdamW's per-parameter state {param index: {"exp_avg", "exp_avg_sq", "step"}} and the run's state."""
-    save_file({f"opt.{i}.{k}": v.contiguous() for i, s in opt_state.items() for k, v in s.items()},
-              os.path.join(folder, "state.safetensors"))
+    tensors = {}
+    for i, per_param in opt_state.items():
+        for k, v in per_param.items():
+            tensors[f"opt.{i}.{k}"] = v.contiguous()
+    save_file(tensors, os.path.join(folder, "state.safetensors"))
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump(state, f, indent=2)
 
@@ -317,13 +339,14 @@ def read_checkpoint(folder, full=True):
     """The files of a checkpoint as {'model', 'ema', 'opt': tensors, 'state': state.json}, or only the
     weights (not full: a Hub checkpoint has no training state); raises on a missing or corrupt file before
     any is loaded."""
-    path = lambda name: os.path.join(folder, name)
-    ckpt = {"model": read_weights(path("model.safetensors")), "ema": None, "opt": None, "state": {}}
+    ckpt = {"model": read_weights(os.path.join(folder, "model.safetensors")), "ema": None, "opt": None,
+            "state": {}}
     if full:
-        if os.path.isfile(path("ema.safetensors")):
-            ckpt["ema"] = read_weights(path("ema.safetensors"))
-        ckpt["opt"] = read_weights(path("state.safetensors"))
-        ckpt["state"] = read_json(path("state.json"))
+        ema = os.path.join(folder, "ema.safetensors")
+        if os.path.isfile(ema):
+            ckpt["ema"] = read_weights(ema)
+        ckpt["opt"] = read_weights(os.path.join(folder, "state.safetensors"))
+        ckpt["state"] = read_json(os.path.join(folder, "state.json"))
     return ckpt
 
 

@@ -40,6 +40,10 @@ FORMAT = "latent-shards"
 VERSION = 1
 
 
+def shard_name(k):
+    return f"shard-{k:05d}.safetensors"
+
+
 def _save_shard(path, latents, text, captions):
     """Write one shard file atomically; returns its index entry {'file', 'count', 'bytes'}."""
     with atomic_write(path) as tmp:
@@ -65,11 +69,17 @@ class ShardWriter:
             raise FileExistsError(f"{out_dir} already holds a dataset (index.json); "
                                   f"delete it or write elsewhere")
         os.makedirs(out_dir, exist_ok=True)
-        self.out_dir, self.shard_size, self.meta = out_dir, shard_size, meta or {}
-        self.shards, self.buf, self.shapes, self.count = [], [], None, 0
+        self.out_dir = out_dir
+        self.shard_size = shard_size
+        self.meta = meta or {}
+        self.shards = []  # the index entries of the shards written so far
+        self.buf = []  # records not yet in a shard
+        self.shapes = None  # (latent shape, text shape) of the first record: every record must match it
+        self.count = 0  # records added
 
     def add(self, latent, text, caption):
-        latent, text = torch.as_tensor(latent).to(torch.float16), torch.as_tensor(text).to(torch.float16)
+        latent = torch.as_tensor(latent).to(torch.float16)
+        text = torch.as_tensor(text).to(torch.float16)
         shapes = (list(latent.shape), list(text.shape))
         self.shapes = self.shapes or shapes
         if shapes != self.shapes or not isinstance(caption, str):
@@ -82,7 +92,7 @@ class ShardWriter:
 
     def _flush(self):
         latents, text, captions = zip(*self.buf)
-        path = os.path.join(self.out_dir, f"shard-{len(self.shards):05d}.safetensors")
+        path = os.path.join(self.out_dir, shard_name(len(self.shards)))
         self.shards.append(_save_shard(path, torch.stack(latents), torch.stack(text), captions))
         self.buf = []
 
@@ -107,7 +117,8 @@ def resolve_file(root, name):
     (downloaded once, then cached)."""
     if root.startswith("hf://"):
         repo, revision, subdir = parse_hub_root(root)
-        if path := hub_file(repo, name, subdir, repo_type="dataset", revision=revision):
+        path = hub_file(repo, name, subdir, repo_type="dataset", revision=revision)
+        if path:
             return path
         raise FileNotFoundError(f"{root}/{name}: no such file in the Hub dataset{offline_hint()}")
     path = os.path.join(root, name)
@@ -148,7 +159,8 @@ def check_shards(root, index):
         path = os.path.join(root, entry["file"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: missing (index.json lists it)")
-        if (size := os.path.getsize(path)) != entry["bytes"]:
+        size = os.path.getsize(path)
+        if size != entry["bytes"]:
             raise ValueError(f"{path}: {size} bytes but index.json says {entry['bytes']} "
                              f"(truncated or replaced?)")
 
@@ -157,8 +169,11 @@ def read_shard(root, index, i, path=None):
     """Shard i of a dataset as (latents fp16 (N,C,H,W), text fp16 (N,L,D), captions),
     checked against the index."""
     entry = index["shards"][i]
-    path, n = path or resolve_file(root, entry["file"]), entry["count"]  # path: when already fetched
-    if (size := os.path.getsize(path)) != entry["bytes"]:
+    n = entry["count"]
+    if not path:  # given when the stream has already fetched the file
+        path = resolve_file(root, entry["file"])
+    size = os.path.getsize(path)
+    if size != entry["bytes"]:
         raise ValueError(f"{path}: {size} bytes but index.json says {entry['bytes']} "
                          f"(truncated or replaced?)")
     try:
@@ -179,7 +194,8 @@ def read_shard(root, index, i, path=None):
 def load_all(root):
     """A whole (small) dataset in memory: {'latent': (N,C,H,W), 'text': (N,L,D) float32, 'caption': list}."""
     index = read_index(root)
-    latents, text, captions = zip(*(read_shard(root, index, i) for i in range(len(index["shards"]))))
+    shards = [read_shard(root, index, i) for i in range(len(index["shards"]))]
+    latents, text, captions = zip(*shards)
     return {"latent": torch.cat(latents).float(), "text": torch.cat(text).float(),
             "caption": sum(captions, [])}
 
@@ -213,16 +229,19 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, root, seed=0, rank=0, world_size=1, shuffle_buffer=8192, start=0, batch_size=1,
                  prefetch=1):
-        self.root, self.seed, self.rank, self.world_size = root, seed, rank, world_size
-        # batch_size: the DataLoader's, to split `start` by worker
-        self.start, self.batch_size = start, batch_size
+        self.root = root
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start  # samples of this rank's stream already consumed: a resumed run skips them
+        self.batch_size = batch_size  # the DataLoader's, to split `start` by worker
         self.prefetch = prefetch  # groups of shards fetched ahead of the one being read
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardStream: rank {rank} is not in [0, world_size={world_size})")
         self.index = read_index(root)
         counts = [s["count"] for s in self.index["shards"]]
-        # offsets: first record id of shards
-        self.counts, self.offsets = np.array(counts), np.cumsum([0] + counts)
+        self.counts = np.array(counts)  # records per shard
+        self.offsets = np.cumsum([0] + counts)  # the global id of each shard's first record
         self.group = max(1, math.ceil(shuffle_buffer / self.index["shard_size"]))  # shards shuffled together
 
     def _shards(self, epoch, worker, num_workers):
@@ -241,17 +260,21 @@ class ShardStream(torch.utils.data.IterableDataset):
     def epoch_order(self, epoch, worker=0, num_workers=1):
         """Global record ids (position in the dataset) in the order this rank's worker yields them
         in `epoch`."""
-        return np.concatenate([np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1])
-                                               for s in ids])[order]
-                               for ids, order in self._groups(epoch, worker, num_workers)])
+        record_ids = []
+        for ids, order in self._groups(epoch, worker, num_workers):
+            group = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in ids])
+            record_ids.append(group[order])
+        return np.concatenate(record_ids)
 
     def _reads(self, worker, num_workers, skip):
         """(shard ids, order of the records still to yield) of every group this worker reads,
         epoch after epoch."""
         epoch = 0
         while True:
-            if skip >= (n := self.counts[self._shards(epoch, worker, num_workers)].sum()):
-                skip, epoch = skip - n, epoch + 1
+            n = self.counts[self._shards(epoch, worker, num_workers)].sum()  # records of this epoch
+            if skip >= n:  # the whole epoch is skipped, without computing its groups
+                skip -= n
+                epoch += 1
                 continue
             for ids, order in self._groups(epoch, worker, num_workers):
                 if skip >= len(order):
@@ -267,7 +290,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, num_workers = 0, 1  # no worker processes: the stream is read in the main process
+        if info:
+            worker, num_workers = info.id, info.num_workers
         if len(self.counts) < self.world_size * num_workers:
             raise ValueError(f"{self.root}: {len(self.counts)} shards cannot feed {self.world_size} ranks x "
                              f"{num_workers} workers; write smaller shards or use fewer workers")
@@ -280,14 +305,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             # at worker 0; so worker w takes over the part of the worker that was due `extra` turns later.
             rounds, extra = divmod(self.start // self.batch_size, num_workers)
             worker = (worker + extra) % num_workers
-            skip = (rounds + (worker < extra)) * self.batch_size
+            turns = rounds  # the batches the DataLoader took from that worker
+            if worker < extra:
+                turns += 1
+            skip = turns * self.batch_size
         pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
         try:
             reads = self._reads(worker, num_workers, skip)
             for (ids, order), paths in _prefetched(pool, self._fetch, reads, self.prefetch):
                 shards = [read_shard(self.root, self.index, int(s), path) for s, path in zip(ids, paths)]
-                latents, text, captions = zip(*shards)
-                latents, text, captions = torch.cat(latents), torch.cat(text), sum(captions, [])
+                latents, text, captions = zip(*shards)  # one tuple entry per shard of the group
+                latents = torch.cat(latents)  # (N, C, H, W)
+                text = torch.cat(text)  # (N, L, D)
+                captions = sum(captions, [])
                 for j in order:
                     yield {"latent": latents[j].float(), "text": text[j].float(), "caption": captions[j]}
         finally:
@@ -295,13 +325,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             pool.shutdown(wait=False, cancel_futures=True)
 
 # -----------------------------------------------------------------------------
-# Preparing real data (SPEC A4): image-caption pairs -> resize the short side (bicubic), centre-crop,
-# encode with the frozen VAE (posterior sample x scaling factor) and text encoder, store fp16. One shard
-# dataset per resolution, OUT/<res>/. Input pair i always lands in shard i // shard_size and its posterior
-# noise is drawn from its own stream (seed, i, res), so each shard is a pure function of its inputs: a
-# rerun skips the shards OUT/prepare.json records as finished and recomputes the rest, and an interrupted
-# run followed by a rerun writes the same bytes as one uninterrupted run. Pairs that cannot be used
-# (unreadable image, missing or empty caption) are skipped and listed in OUT/report.json.
+# Preparing real data, as the official micro_diffusion/datasets/prepare/ scripts do: image-caption pairs ->
+# resize the short side (bicubic), centre-crop, encode with the frozen VAE (posterior sample x scaling
+# factor) and text encoder, store fp16. One shard dataset per resolution, OUT/<res>/. Input pair i always
+# lands in shard i // shard_size and its posterior noise is drawn from its own stream (seed, i, res), so
+# each shard is a pure function of its inputs: a rerun skips the shards OUT/prepare.json records as
+# finished and recomputes the rest, and an interrupted run followed by a rerun writes the same bytes as one
+# uninterrupted run. Pairs that cannot be used (unreadable image, missing or empty caption) are skipped and
+# listed in OUT/report.json.
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -319,9 +350,10 @@ def list_pairs(src):
         pairs = []
         for folder, dirs, files in os.walk(src):
             dirs.sort()
-            pairs += [Pair(os.path.join(folder, f), None,
-                           os.path.join(folder, os.path.splitext(f)[0] + ".txt"))
-                      for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTS):
+                    caption_file = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
+                    pairs.append(Pair(os.path.join(folder, f), None, caption_file))
         return pairs
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: no such folder or file")
@@ -329,8 +361,10 @@ def list_pairs(src):
         rows = []
         with open(src, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
+                if not line.strip():  # blank lines are allowed
+                    continue
                 try:
-                    rows += [(n, json.loads(line))] if line.strip() else []
+                    rows.append((n, json.loads(line)))
                 except ValueError as e:
                     raise ValueError(f"{src}:{n}: not JSON ({e})") from None
     elif src.endswith(".csv"):
@@ -338,7 +372,8 @@ def list_pairs(src):
             rows = list(enumerate(csv.DictReader(f), 2))  # line 1 is the header
     else:
         raise ValueError(f"{src}: expected a folder of images with .txt captions, or a .jsonl or .csv file")
-    base, pairs = os.path.dirname(os.path.abspath(src)), []
+    base = os.path.dirname(os.path.abspath(src))
+    pairs = []
     for n, row in rows:  # image paths are relative to the list's folder
         if not (isinstance(row, dict) and isinstance(row.get("path"), str)
                 and isinstance(row.get("caption", 0), str)):
@@ -349,9 +384,11 @@ def list_pairs(src):
 
 def resize_center_crop(img, res):
     """PIL image -> uint8 (res, res, 3): short side resized to res (bicubic), then the centre
-    cropped (SPEC A4)."""
+    cropped, as micro_diffusion/datasets/prepare/*/base.py do."""
     w, h = img.size
-    w2, h2 = max(res, round(w * res / min(w, h))), max(res, round(h * res / min(w, h)))
+    short = min(w, h)
+    w2 = max(res, round(w * res / short))  # max(): rounding never leaves a side below res
+    h2 = max(res, round(h * res / short))
     left, top = (w2 - res) // 2, (h2 - res) // 2
     return np.asarray(img.resize((w2, h2), Image.BICUBIC).crop((left, top, left + res, top + res)))
 
@@ -382,14 +419,15 @@ def posterior_noise(vae, ids, res, seed):
     """The posterior noise (B, C, res/f, res/f) of inputs `ids`: each from its own stream,
     so no batch matters."""
     shape = (vae.latent_channels, res // vae.downsample_factor, res // vae.downsample_factor)
-    return torch.from_numpy(np.stack([np.random.default_rng([seed, i, res]).standard_normal(shape, np.float32)
-                                      for i in ids]))
+    noise = [np.random.default_rng([seed, i, res]).standard_normal(shape, np.float32) for i in ids]
+    return torch.from_numpy(np.stack(noise))
 
 
 @torch.no_grad()
 def encode_batch(vae, enc, ids, images, captions, resolutions, seed=0, sample=True):
     """Loaded pairs -> ({res: latents (B, C, res/f, res/f)}, caption features (B, L, D)), fp16 on the CPU."""
-    device, latents = vae.encoder.conv_in.weight.device, {}
+    device = vae.encoder.conv_in.weight.device
+    latents = {}
     for j, r in enumerate(resolutions):
         x = image_to_latent(np.stack([im[j] for im in images])).to(device)  # (B, 3, r, r) in [-1, 1]
         noise = posterior_noise(vae, ids, r, seed).to(device) if sample else None
@@ -397,18 +435,57 @@ def encode_batch(vae, enc, ids, images, captions, resolutions, seed=0, sample=Tr
     return latents, enc(list(captions)).half().cpu()
 
 
+def _shard_finished(state, dirs, k):
+    """Shard k is recorded in prepare.json, and each of its files is there with the recorded size."""
+    entry = state["shards"].get(str(k))
+    if entry is None:
+        return False
+    for r, size in entry["bytes"].items():
+        path = os.path.join(dirs[int(r)], shard_name(k))
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            return False
+    return True
+
+
+def _encode_chunk(loaded, n, names, vae, enc, resolutions, batch_size, seed, sample, bar):
+    """Encode the n loaded pairs of one shard, `loaded` yielding (i, load_pair's result) in order, a batch
+    at a time: ({res: [latents of each batch]}, [caption features of each batch], captions, skipped pairs)."""
+    latents = {r: [] for r in resolutions}
+    text = []
+    captions = []
+    skipped = []
+    batch = []  # loaded pairs waiting for the encoders: (i, images, caption)
+    for count, (i, (images, info)) in enumerate(loaded, 1):
+        if images is None:  # info: (reason, detail)
+            skipped.append({"path": names[i], "reason": info[0], "detail": info[1]})
+        else:  # info: the caption
+            batch.append((i, images, info))
+        if batch and (len(batch) == batch_size or count == n):
+            ids, images, texts = zip(*batch)
+            z, y = encode_batch(vae, enc, ids, images, texts, resolutions, seed, sample)
+            for r in resolutions:
+                latents[r].append(z[r])
+            text.append(y)
+            captions.extend(texts)
+            batch = []
+        bar.update()
+    return latents, text, captions, skipped
+
+
 def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae", text_encoder=DFN5B_CLIP,
             text_encoder_subfolder=None, batch_size=32, device="cpu", shard_size=1024, seed=0, sample=True,
             workers=8):
     """Encode the image-caption pairs of `src` into a shard dataset OUT/<res>/ per resolution;
     returns the report."""
-    t0, pairs = time.time(), list_pairs(src)
+    t0 = time.time()
+    pairs = list_pairs(src)
     if not pairs:
         raise ValueError(f"{src}: no image-caption pairs found (images: {', '.join(IMAGE_EXTS)})")
-    vae, enc = (load_vae(vae, vae_subfolder, device),
-                load_text_encoder(text_encoder, text_encoder_subfolder, device))
+    vae = load_vae(vae, vae_subfolder, device)
+    enc = load_text_encoder(text_encoder, text_encoder_subfolder, device)
     f = vae.downsample_factor
-    if bad := [r for r in resolutions if r % f]:
+    bad = [r for r in resolutions if r % f]
+    if bad:
         raise ValueError(f"--res {bad}: not multiples of the VAE's downsampling factor {f}")
     base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
     names = [os.path.relpath(p.image, base) for p in pairs]  # as the report lists them
@@ -416,8 +493,11 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
                 "pairs_crc32": zlib.crc32(json.dumps([names, [p.caption for p in pairs]]).encode()),
                 "shard_size": shard_size, "seed": seed, "posterior": "sample" if sample else "mean",
                 "text_encoder": enc.spec, "latents": vae.spec}
-    state_path, dirs = os.path.join(out, "prepare.json"), {r: os.path.join(out, str(r)) for r in resolutions}
-    state = read_json(state_path) if os.path.exists(state_path) else {"settings": settings, "shards": {}}
+    state_path = os.path.join(out, "prepare.json")
+    dirs = {r: os.path.join(out, str(r)) for r in resolutions}
+    state = {"settings": settings, "shards": {}}  # "shards": {k: the entry of shard k, once it is written}
+    if os.path.exists(state_path):  # a rerun
+        state = read_json(state_path)
     if state["settings"] != settings:
         diff = {k: (state["settings"].get(k), v) for k, v in settings.items()
                 if state["settings"].get(k) != v}
@@ -425,38 +505,27 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
                          f"delete it or prepare into another folder")
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
-    file = lambda k: f"shard-{k:05d}.safetensors"
 
-    def finished(k):  # recorded in prepare.json, and each of its files is there with the recorded size
-        entry = state["shards"].get(str(k))
-        return entry is not None and all(os.path.isfile(p := os.path.join(dirs[int(r)], file(k)))
-                                         and os.path.getsize(p) == size for r, size in entry["bytes"].items())
+    def load(i):  # runs in the pool's threads: decoding images is the slow part on CPU
+        return load_pair(pairs[i], resolutions)
+
     # chunks of input pairs: one per shard
     chunks = [range(a, min(a + shard_size, len(pairs))) for a in range(0, len(pairs), shard_size)]
-    todo = [k for k in range(len(chunks)) if not finished(k)]
+    todo = [k for k in range(len(chunks)) if not _shard_finished(state, dirs, k)]
     done = len(pairs) - sum(len(chunks[k]) for k in todo)
-    load, t1 = (lambda i: load_pair(pairs[i], resolutions)), time.time()
+    t1 = time.time()
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(pairs), initial=done, desc="prepare",
                                                    unit="img") as bar:
         for k in todo:
-            latents, text, captions, skipped, batch = {r: [] for r in resolutions}, [], [], [], []
-            for n, (i, (images, info)) in enumerate(_prefetched(pool, load, chunks[k], 2 * batch_size), 1):
-                if images is None:  # info: (reason, detail)
-                    skipped.append({"path": names[i], "reason": info[0], "detail": info[1]})
-                else:  # info: the caption
-                    batch.append((i, images, info))
-                if batch and (len(batch) == batch_size or n == len(chunks[k])):
-                    ids, images, texts = zip(*batch)
-                    z, y = encode_batch(vae, enc, ids, images, texts, resolutions, seed, sample)
-                    for r in resolutions:
-                        latents[r].append(z[r])
-                    text, captions, batch = text + [y], captions + list(texts), []
-                bar.update()
+            loaded = _prefetched(pool, load, chunks[k], 2 * batch_size)  # (i, load(i)) in order
+            latents, text, captions, skipped = _encode_chunk(loaded, len(chunks[k]), names, vae, enc,
+                                                             resolutions, batch_size, seed, sample, bar)
             entry = {"count": len(captions), "bytes": {}, "skipped": skipped}
-            for r in resolutions if captions else []:  # a shard whose every pair was skipped has no file
-                saved = _save_shard(os.path.join(dirs[r], file(k)), torch.cat(latents[r]), torch.cat(text),
-                                    captions)
-                entry["bytes"][str(r)] = saved["bytes"]
+            if captions:  # a shard whose every pair was skipped has no file
+                for r in resolutions:
+                    path = os.path.join(dirs[r], shard_name(k))
+                    saved = _save_shard(path, torch.cat(latents[r]), torch.cat(text), captions)
+                    entry["bytes"][str(r)] = saved["bytes"]
             state["shards"][str(k)] = entry  # recorded only once all its files are written
             write_json(state_path, state, indent=1)
 
@@ -466,14 +535,15 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
         meta = {"dataset": "prepared", "source": settings["source"], "res": r, "seed": seed,
                 "posterior": settings["posterior"], "text_encoder": enc.spec, "latents": vae.spec,
                 "text_dim": enc.dim, "max_len": enc.max_len, "latent": "vae"}
-        shards = [{"file": file(k), "count": e["count"], "bytes": e["bytes"][str(r)]}
+        shards = [{"file": shard_name(k), "count": e["count"], "bytes": e["bytes"][str(r)]}
                   for k, e in enumerate(entries) if e["count"]]
         if shards:
             _write_index(dirs[r], shards, shard_size, (vae.latent_channels, r // f, r // f),
                          (enc.max_len, enc.dim), meta)
     skipped = [s for e in entries for s in e["skipped"]]
-    # pairs/s: without loading the encoders
-    seconds, written = time.time() - t0, sum(e["count"] for e in entries)
+    seconds = time.time() - t0
+    written = sum(e["count"] for e in entries)
+    # pairs_per_s counts from t1: without loading the encoders
     report = {"source": settings["source"], "pairs": len(pairs), "written": written, "skipped": len(skipped),
               "reasons": dict(collections.Counter(s["reason"] for s in skipped)),
               "datasets": list(dirs.values()), "shards": len(chunks),
@@ -497,13 +567,23 @@ def _write_shapes(out, scenes, res, enc, shard_size, meta, desc, texts=None):
     """Render scenes and write them, captioned (by `texts`, or in full), as shards to `out`, with a progress
     bar. A scene (or caption) met before is not drawn (or encoded) again: 40,000 training images hold about
     7,100 distinct scenes. The same bytes, 2-3x faster."""
-    drawn, encoded, memo_bytes = {}, {}, 2**28  # up to 256 MiB of each
-    draw = lambda todo: [np.asarray(shapes.render(s, res)) for s in todo]
-    encode = lambda todo: [row.clone() for row in enc(todo).to(torch.float16)]  # (L, D) each, not views
+    drawn = {}  # scene -> image
+    encoded = {}  # caption -> features
+    memo_bytes = 2**28  # up to 256 MiB of each
+
+    def draw(todo):
+        return [np.asarray(shapes.render(s, res)) for s in todo]
+
+    def encode(todo):  # (L, D) each, copied: a view would keep the whole batch's features alive in the memo
+        return [row.clone() for row in enc(todo).to(torch.float16)]
+
     with ShardWriter(out, shard_size, meta) as writer, tqdm(total=len(scenes), desc=desc, unit="img") as bar:
         for b in range(0, len(scenes), 1024):  # encode captions a batch at a time
             chunk = scenes[b : b + 1024]
-            chunk_texts = texts[b : b + 1024] if texts else [shapes.caption(s) for s in chunk]
+            if texts:
+                chunk_texts = texts[b : b + 1024]
+            else:
+                chunk_texts = [shapes.caption(s) for s in chunk]
             images = _memo(drawn, chunk, draw, memo_bytes // (res * res * 3))
             feats = _memo(encoded, chunk_texts, encode, memo_bytes // (enc.max_len * enc.dim * 4))
             latents = image_to_latent(np.stack(images)).to(torch.float16)  # (B, 3, H, W), as stored
@@ -518,7 +598,8 @@ def _memo(cache, keys, compute, limit):
     todo = [k for k in dict.fromkeys(keys) if k not in cache]
     new = dict(zip(todo, compute(todo))) if todo else {}
     values = [cache[k] if k in cache else new[k] for k in keys]
-    cache.update(list(new.items())[: max(0, limit - len(cache))])
+    room = max(0, limit - len(cache))
+    cache.update(list(new.items())[:room])  # once full, the cache keeps what it has
     return values
 
 
@@ -544,7 +625,8 @@ def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, ma
     meta = {**request, "latent": "pixels", "encoder": enc.name, "scenes_id": scenes_id,
             "text_encoder": enc.spec, "latents": PIXELS}
     if os.path.exists(os.path.join(out, "index.json")):  # written last, so the dataset is complete
-        if (old := read_index(out)["meta"]) == meta:
+        old = read_index(out)["meta"]
+        if old == meta:
             print(f"{out}: using the shapes dataset already there")
             return out
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
@@ -564,10 +646,14 @@ def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, ma
             os.remove(os.path.join(val_dir, "index.json"))
         heldout = [shapes.parse_caption(c) for c in shapes.heldout_captions(val, seed)]
         _write_shapes(val_dir, heldout, res, enc, shard_size, {**meta, "split": "val"}, "shapes val")
-    pool = shapes.distinct_scenes(seed, scenes) if scenes else None
-    train = [pool[i % scenes] if scenes else shapes.train_scene(seed, i) for i in range(n)]
-    texts = ([shapes.partial_caption(s, np.random.default_rng([seed, i, 1])) for i, s in enumerate(train)]
-             if captions == "partial" else None)
+    if scenes:
+        pool = shapes.distinct_scenes(seed, scenes)
+        train = [pool[i % scenes] for i in range(n)]
+    else:
+        train = [shapes.train_scene(seed, i) for i in range(n)]
+    texts = None  # full captions
+    if captions == "partial":
+        texts = [shapes.partial_caption(s, np.random.default_rng([seed, i, 1])) for i, s in enumerate(train)]
     _write_shapes(out, train, res, enc, shard_size, meta, "shapes train", texts)
     dt = time.time() - t0
     print(f"{out}: wrote {n} train + {val} val images at {res}px in {dt:.1f}s "
@@ -628,8 +714,10 @@ def main(argv=None):
     lowest = {"n": 1, "res": 8, "shard_size": 1, "batch_size": 1, "workers": 1, "max_len": 2, "text_dim": 2,
               "val": 0, "seed": 0, "scenes": 0}
     for key, low in lowest.items():
-        values = getattr(args, key, None)  # --res of prepare is a list
-        for value in values if isinstance(values, list) else [values]:
+        values = getattr(args, key, None)  # None: not a flag of this command
+        if not isinstance(values, list):  # --res of prepare is a list
+            values = [values]
+        for value in values:
             if value is not None and value < low:
                 parser.error(f"--{key.replace('_', '-')}={value}: must be >= {low}")
     try:

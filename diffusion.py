@@ -1,8 +1,8 @@
 """
 EDM (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"), the diffusion
-formulation MicroDiT is trained with (SPEC A3): the preconditioned denoiser, the training noise levels,
-caption dropout for classifier-free guidance, and the loss on the patches the backbone kept. The sampler
-that runs the denoiser is in sample.py.
+formulation MicroDiT is trained with (the official micro_diffusion/models/model.py): the preconditioned
+denoiser, the training noise levels, caption dropout for classifier-free guidance, and the loss on the
+patches the backbone kept. The sampler that runs the denoiser is in sample.py.
 
 Every network of model.py is the raw network F: net(c_in x, c_noise, y, mask_ratio) -> (out, mask).
 """
@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SIGMA_DATA = 0.9  # MicroDiT's sigma_data for SDXL latents (SPEC A3); EDM's own default is 0.5 for pixels
+# MicroDiT's sigma_data for SDXL latents (edm_config in micro_diffusion/models/model.py); EDM's own default is
+# 0.5, for pixels
+SIGMA_DATA = 0.9
 
 
 class Denoiser(nn.Module):
@@ -51,7 +53,8 @@ def training_noise(n, shape, P_mean, P_std, caption_dropout, device=None, genera
 
 def drop_captions(y, keep):
     """Classifier-free guidance training: a dropped caption becomes all-zero features, the unconditional
-    input the sampler gives (SPEC A3). y (B, L, Dy), keep (B,) bool."""
+    input the sampler gives (as micro_diffusion/models/model.py zeroes dropped captions).
+    y (B, L, Dy), keep (B,) bool."""
     return y * keep.reshape(-1, 1, 1).to(y.dtype)
 
 

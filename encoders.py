@@ -26,7 +26,7 @@ from checkpoint import (RELEASED_TEXT_ENCODER, RELEASED_VAES, find_file, hub_fil
                         read_weights)
 from shapes import BuiltinTextEncoder
 
-SDXL_VAE = RELEASED_VAES[4]["repo"]  # subfolder "vae"; 4 channels, scaling_factor 0.13025 (SPEC A5)
+SDXL_VAE = RELEASED_VAES[4]["repo"]  # subfolder "vae"; 4 channels, scaling_factor 0.13025 (its config.json)
 DFN5B_CLIP = RELEASED_TEXT_ENCODER["repo"]  # open_clip format, text width 1024, 24 layers, quick_gelu true
 
 
@@ -35,18 +35,15 @@ def frozen(model, device, dtype=torch.float32):
 
 
 def spec_repo(repo):
-    """How a spec names a repo: a local folder by its absolute path (so it works from any directory),
-    else the id."""
+    """A repo as a spec names it: a local folder by its absolute path (valid from anywhere), else its id."""
     return os.path.abspath(repo) if os.path.isdir(repo) else repo
 
 # -----------------------------------------------------------------------------
-# CLIP BPE tokenizer (byte-level BPE over the 49,408-entry CLIP vocabulary),
-# without ftfy or the `regex` module
+# CLIP BPE tokenizer (byte-level BPE over the 49,408-entry CLIP vocabulary), without ftfy or the regex module
 
 
 def _ftfy_lite():
-    """str.translate table for the fixes of ftfy.fix_text that change valid-UTF-8 text
-    (ftfy is not a runtime dep)."""
+    """str.translate table for ftfy.fix_text's fixes of valid UTF-8 text (ftfy is not a runtime dep)."""
     # Kept: invisible control characters deleted, C1 controls read as the cp1252 characters they usually are,
     # full/half-width forms, the ideographic space and Latin ligatures to normal letters, curly quotes
     # straightened. Not repeated: mojibake repair (text decoded with the wrong codec, e.g. "cafÃ©") and
@@ -69,18 +66,15 @@ _FTFY_LITE = _ftfy_lite()
 
 
 def clean_caption(text):
-    """CLIP's text cleaning: HTML unescape (twice), ftfy-lite + NFC, whitespace runs to one space,
-    lower case."""
+    """CLIP's text cleaning: HTML unescape (twice), ftfy-lite, NFC, whitespace runs to a space, lower case."""
     text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)).translate(_FTFY_LITE))
     return " ".join(text.split()).lower()
 
 
 @functools.lru_cache(maxsize=None)
 def _byte_to_unicode():
-    """The GPT-2/CLIP table mapping each byte to a printable character,
-    so BPE never sees spaces or control bytes."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    """Each byte -> a printable character (the GPT-2/CLIP table): BPE never sees spaces or control bytes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]  # the rest are shifted to code points 256, 257, ...
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
@@ -108,18 +102,17 @@ class CLIPTokenizer:
     """Captions -> (B, max_len) int64 ids: [start] + BPE(caption)[:max_len-2] + [end] + padding."""
 
     def __init__(self, vocab, merges, pad=0, max_len=77):
-        self.vocab, self.ranks, self.max_len = vocab, {m: i for i, m in enumerate(merges)}, max_len
-        # 49406, 49407 in the real vocabulary
-        self.sot, self.eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
-        # open_clip pads with 0, HF with its pad_token
-        self.pad_id = vocab[pad] if isinstance(pad, str) else pad
+        self.vocab = vocab  # token -> id
+        self.ranks = {m: i for i, m in enumerate(merges)}  # a pair's merge rank: the lowest merges first
+        self.max_len = max_len
+        self.sot, self.eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]  # 49406, 49407
+        self.pad_id = vocab[pad] if isinstance(pad, str) else pad  # open_clip pads with 0, HF with a token
         self.byte_encoder = _byte_to_unicode()
         self._bpe = functools.lru_cache(maxsize=1 << 16)(self._merge)
 
     @classmethod
     def from_hf_files(cls, vocab_json, merges_txt, pad="<|endoftext|>", max_len=77):
-        """From a Hugging Face vocab.json + merges.txt
-        (the first line of merges.txt is a '#version' header)."""
+        """From a Hugging Face vocab.json + merges.txt (whose first line is a '#version' header)."""
         with open(merges_txt, encoding="utf-8") as f:
             merges = [tuple(line.split()) for line in f.read().split("\n")
                       if line and not line.startswith("#version")]
@@ -127,8 +120,7 @@ class CLIPTokenizer:
 
     @classmethod
     def from_bpe_file(cls, path, pad=0, max_len=77):
-        """From open_clip's / OpenAI's bpe_simple_vocab_16e6.txt.gz:
-        the vocabulary is rebuilt from the merges."""
+        """From open_clip's / OpenAI's bpe_simple_vocab_16e6.txt.gz: the vocabulary is rebuilt from it."""
         with gzip.open(path, "rt", encoding="utf-8") as f:
             # 48,894 merges
             merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
@@ -156,12 +148,11 @@ class CLIPTokenizer:
         return parts
 
     def encode(self, text):
-        """One caption -> BPE ids, without start/end tokens.
-        Special-token strings in the text are plain text."""
+        """One caption -> BPE ids, without start/end tokens; special-token strings in it are plain text."""
         ids = []
         for word in _split_regex().findall(clean_caption(text)):
-            ids.extend(self.vocab[p]
-                       for p in self._bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
+            byte_chars = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            ids.extend(self.vocab[p] for p in self._bpe(byte_chars))
         return ids
 
     def __call__(self, captions):
@@ -177,8 +168,7 @@ class CLIPTokenizer:
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the GELU approximation OpenAI CLIP was trained with
-    (and DFN5B, whose config says so)."""
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI CLIP (and DFN5B, says its config) trained with."""
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -208,7 +198,8 @@ class ResidualAttentionBlock(nn.Module):
 
     def __init__(self, width, heads, mlp_width, act, eps, causal=True):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(width, eps=eps), CausalSelfAttention(width, heads, causal)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = CausalSelfAttention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, mlp_width),
                                              gelu=QuickGELU() if act == "quick_gelu" else nn.GELU(),
@@ -220,16 +211,15 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
-    """Token ids (B, T) -> token features (B, T, width) after ln_final;
-    no pooling, no text_projection (SPEC A5)."""
+    """Token ids (B, T) -> token features (B, T, width) after ln_final; no pooling, no text_projection: the
+    features MicroDiT conditions on (micro_diffusion/models/utils.py)."""
 
     def __init__(self, vocab_size=49408, context_length=77, width=512, heads=8, layers=12, mlp_width=2048,
                  act="gelu", eps=1e-5):
         super().__init__()
         if act not in ("gelu", "quick_gelu"):
             raise ValueError(f"unsupported CLIP text activation {act!r} (expected 'gelu' or 'quick_gelu')")
-        # uninitialised like the other tensors, as its weights are always loaded
-        # (normal_ on the meta device takes 1s)
+        # uninitialised, as its weights are always loaded (normal_ on the meta device takes 1s)
         self.token_embedding = nn.Embedding.from_pretrained(torch.empty(vocab_size, width), freeze=False)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = nn.ModuleDict({"resblocks": nn.ModuleList(
@@ -248,8 +238,11 @@ class TextEncoder(nn.Module):
 
     def __init__(self, model, tokenizer, name="clip"):
         super().__init__()
-        self.model, self.tokenizer, self.name = model, tokenizer, name  # name: where the weights came from
-        self.dim, self.max_len = model.ln_final.weight.shape[0], tokenizer.max_len
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name  # where the weights came from
+        self.dim = model.ln_final.weight.shape[0]  # feature width
+        self.max_len = tokenizer.max_len  # tokens per caption
 
     def forward(self, captions):
         if isinstance(captions, str):
@@ -269,18 +262,15 @@ _UNUSED = ("visual.", "vision_model.", "visual_projection", "text_projection", "
 
 
 def hf_to_open_clip(sd):
-    """Rename an HF CLIPTextModel state dict to open_clip's layout,
-    fusing q/k/v into in_proj_{weight,bias}."""
-    # the prefix of checkpoints before transformers 5
-    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    """An HF CLIPTextModel state dict in open_clip's names, with q/k/v fused into in_proj_{weight,bias}."""
+    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}  # the prefix before transformers 5
     for k in [k for k in sd if ".self_attn.q_proj." in k]:
         names = [k.replace("q_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
         if all(n in sd for n in names):  # otherwise they stay as they are, and the key check names them
             sd[k.replace("self_attn.q_proj.", "attn.in_proj_")] = torch.cat([sd.pop(n) for n in names])
     out = {}
     for k, v in sd.items():
-        # unfused leftovers keep their names for the error message
-        if not re.search(r"self_attn\.[qkv]_proj", k):
+        if not re.search(r"self_attn\.[qkv]_proj", k):  # unfused q/k/v keep their names for the error
             for a, b in _HF_TO_OPEN_CLIP:
                 k = k.replace(a, b)
         out[k] = v
@@ -325,9 +315,11 @@ def load_text_encoder(repo_or_path=DFN5B_CLIP, subfolder=None, device="cpu", dty
     weights, _, _ = find_file(repo_or_path, _WEIGHT_FILES[family], [folder])
     with torch.device("meta"):
         model = CLIPTextTransformer(**arch)
-    convert = hf_to_open_clip if family == "hf" else (lambda sd: sd)
+    sd = read_weights(weights, skip=_UNUSED)
+    if family == "hf":
+        sd = hf_to_open_clip(sd)
     # open_clip models with custom_text=true keep the text tower under "text."
-    sd = {k.removeprefix("text."): v for k, v in convert(read_weights(weights, skip=_UNUSED)).items()}
+    sd = {k.removeprefix("text."): v for k, v in sd.items()}
     load_state_dict(model, {k: v for k, v in sd.items() if not k.startswith(_UNUSED)}, cfg_path, assign=True)
     tokenizer = load_tokenizer(repo_or_path, subfolder, family, arch["context_length"])
     enc = TextEncoder(model, tokenizer, name=f"{repo_or_path}/{folder or ''}".rstrip("/"))
@@ -337,27 +329,29 @@ def load_text_encoder(repo_or_path=DFN5B_CLIP, subfolder=None, device="cpu", dty
 
 
 def load_tokenizer(repo_or_path, subfolder=None, family="open_clip", max_len=77):
-    """The CLIP tokenizer from a repo's vocab.json + merges.txt (or open_clip's bpe .txt.gz)
-    beside the weights."""
+    """The CLIP tokenizer from the vocab.json + merges.txt (or open_clip's bpe .txt.gz) beside the weights."""
     # e.g. SDXL: text_encoder_2/ -> tokenizer_2/; DFN5B: the repo root
     folders = [subfolder, subfolder.replace("text_encoder", "tokenizer")] if subfolder else []
     folders = list(dict.fromkeys([*folders, "tokenizer", None]))
     path, name, folder = find_file(repo_or_path, ["vocab.json", "bpe_simple_vocab_16e6.txt.gz"], folders)
     if name.endswith(".gz"):
         return CLIPTokenizer.from_bpe_file(path, pad=0, max_len=max_len)
-    pad = 0  # open_clip pads with id 0 whatever the repo's HF tokenizer files say (SPEC A5)
+    pad = 0  # open_clip pads with id 0 whatever the repo's HF tokenizer files say
     if family == "hf":
         # HF pads with its pad_token: "<|endoftext|>" for OpenAI CLIP-L, "!" (id 0) for LAION/SDXL's 2nd
         tok_cfg = (hub_file(repo_or_path, "tokenizer_config.json", folder)
                    or hub_file(repo_or_path, "special_tokens_map.json", folder))
-        pad = (read_json(tok_cfg).get("pad_token") if tok_cfg else None) or "<|endoftext|>"
-        pad = pad["content"] if isinstance(pad, dict) else pad
+        pad = read_json(tok_cfg).get("pad_token") if tok_cfg else None
+        if not pad:  # no tokenizer file, or none that names a pad token
+            pad = "<|endoftext|>"
+        if isinstance(pad, dict):  # {"content": "<|endoftext|>", "lstrip": false, ...}
+            pad = pad["content"]
     merges, _, _ = find_file(repo_or_path, ["merges.txt"], [folder])
     return CLIPTokenizer.from_hf_files(path, merges, pad, max_len)
 
 # -----------------------------------------------------------------------------
-# CLIP's image tower and joint image-text space, for the CLIP score (SPEC E), in open_clip's key layout like
-# the text tower; HF CLIPModel checkpoints are renamed to it on load
+# CLIP's image tower and joint image-text space (Radford et al. 2021), for the CLIP score (Hessel et al.
+# 2021), in open_clip's key layout like the text tower; HF CLIPModel checkpoints are renamed to it on load
 
 OPENAI_CLIP_L = "openai/clip-vit-large-patch14"  # torchmetrics' default CLIPScore model (HF CLIPModel layout)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, CLIPImageProcessor's default
@@ -376,8 +370,9 @@ class CLIPVisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty((image_size // patch_size) ** 2 + 1, width))
         self.ln_pre = nn.LayerNorm(width, eps=eps)  # HF: pre_layrnorm (sic)
-        block = lambda: ResidualAttentionBlock(width, heads, mlp_width, act, eps, causal=False)  # no mask
-        self.transformer = nn.ModuleDict({"resblocks": nn.ModuleList([block() for _ in range(layers)])})
+        blocks = [ResidualAttentionBlock(width, heads, mlp_width, act, eps, causal=False)  # no mask
+                  for _ in range(layers)]
+        self.transformer = nn.ModuleDict({"resblocks": nn.ModuleList(blocks)})
         self.ln_post = nn.LayerNorm(width, eps=eps)  # HF: post_layernorm
         self.proj = nn.Parameter(torch.empty(width, embed_dim))  # x @ proj: HF's visual_projection.weight.T
 
@@ -402,7 +397,9 @@ class CLIP(nn.Module):
         # Set by load_clip: the tokenizer; where a caption's feature is taken (eos_id None: at the largest id,
         # as OpenAI, open_clip and HF with the legacy eos_token_id 2; else at the first eos_id, as HF); the
         # image preprocessing (clip_preprocess's keyword arguments).
-        self.tokenizer, self.eos_id, self.image_cfg = None, None, {}
+        self.tokenizer = None
+        self.eos_id = None
+        self.image_cfg = {}
 
     def encode_image(self, pixels):  # (B, 3, S, S) from clip_preprocess -> (B, embed_dim)
         return self.visual(pixels.to(self.visual.proj.dtype))
@@ -423,8 +420,10 @@ def clip_preprocess(img, size=224, crop=224, mean=CLIP_MEAN, std=CLIP_STD, resam
     w, h = img.size
     if squash:  # open_clip's resize_mode "squash"
         img = img.resize((crop, crop), resample)
-    else:  # the long side truncated, as HF and torchvision.Resize: int(size * long / short)
-        img = img.resize((size, int(size * h / w)) if w <= h else (int(size * w / h), size), resample)
+    elif w <= h:  # the long side truncated, as HF and torchvision.Resize: int(size * long / short)
+        img = img.resize((size, int(size * h / w)), resample)
+    else:
+        img = img.resize((int(size * w / h), size), resample)
     # HF's offsets, floor((H - crop) / 2); open_clip's torchvision CenterCrop rounds, one pixel over at times
     top, left = (img.height - crop) // 2, (img.width - crop) // 2
     x = np.asarray(img.crop((left, top, left + crop, top + crop)), np.float32) / np.float32(255)
@@ -440,15 +439,20 @@ _HF_PROJECTIONS = {"visual_projection.weight": "visual.proj", "text_projection.w
 def hf_clip_to_clip(sd):
     """Rename an HF CLIPModel state dict to the CLIP module's layout (open_clip's names, text in "text.")."""
     sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # buffers older checkpoints saved
-    tower = lambda pre: hf_to_open_clip({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})
+
+    def tower(prefix):  # the keys of one tower, without its prefix, in open_clip's names
+        return hf_to_open_clip({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+
     out = {"text." + k: v for k, v in tower("text_model.").items()}
     for k, v in tower("vision_model.").items():  # the same blocks; the embeddings and the two norms renamed
         for a, b in _HF_VISION:
             k = k.replace(a, b)
         out["visual." + k] = v
-    for k, v in sd.items():  # the projections, Linear (out, in) -> x @ W; logit_scale; strays, named later
-        if not k.startswith(("text_model.", "vision_model.")):
-            out[_HF_PROJECTIONS.get(k, k)] = v.T.contiguous() if k in _HF_PROJECTIONS else v
+    for k, v in sd.items():  # the projections; logit_scale; strays, named later by the key check
+        if k in _HF_PROJECTIONS:  # a Linear's (out, in) weight W -> x @ W.T
+            out[_HF_PROJECTIONS[k]] = v.T.contiguous()
+        elif not k.startswith(("text_model.", "vision_model.")):
+            out[k] = v
     return out
 
 
@@ -458,7 +462,9 @@ def open_clip_to_clip(sd):
     for k, v in sd.items():
         if not k.endswith("attn_mask"):  # the causal mask, a buffer older checkpoints saved
             k = k.removeprefix("text.")  # custom_text models (CustomTextCLIP) have it, projection included
-            out[k if k.startswith("visual.") or k in ("text_projection", "logit_scale") else "text." + k] = v
+            if not (k.startswith("visual.") or k in ("text_projection", "logit_scale")):
+                k = "text." + k  # the text tower's own keys
+            out[k] = v
     return out
 
 
@@ -475,16 +481,22 @@ def _hf_clip_cfg(cfg, repo):
     size, crop = p.get("size", vision["image_size"]), p.get("crop_size", vision["image_size"])
     if isinstance(size, dict) and "shortest_edge" not in size:
         raise ValueError(f"{path}: size {size} is not supported (only shortest_edge, as CLIP's)")
-    image_cfg = dict(size=size["shortest_edge"] if isinstance(size, dict) else size,
-                     crop=crop["height"] if isinstance(crop, dict) else crop, resample=p.get("resample", 3),
-                     mean=p.get("image_mean", CLIP_MEAN), std=p.get("image_std", CLIP_STD))
-    return vision, cfg.get("projection_dim", 512), None if eos == 2 else eos, image_cfg
+    if isinstance(size, dict):
+        size = size["shortest_edge"]
+    if isinstance(crop, dict):
+        crop = crop["height"]
+    image_cfg = dict(size=size, crop=crop, resample=p.get("resample", 3), mean=p.get("image_mean", CLIP_MEAN),
+                     std=p.get("image_std", CLIP_STD))
+    eos_id = None if eos == 2 else eos  # 2: a legacy eos_token_id, which means "at the largest id"
+    return vision, cfg.get("projection_dim", 512), eos_id, image_cfg
 
 
 def _open_clip_cfg(cfg, cfg_path):
     """(vision kwargs, embed_dim, eos_id, image_cfg) of an open_clip_config.json."""
     model_cfg = cfg.get("model_cfg", cfg)
-    v, t, pre = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {}), cfg.get("preprocess_cfg", {})
+    v = model_cfg.get("vision_cfg", {})
+    t = model_cfg.get("text_cfg", {})
+    pre = cfg.get("preprocess_cfg", {})
     odd = [k for k in ("timm_model_name", "ls_init_value", "attentional_pool", "no_ln_pre", "act_kwargs",
                        "norm_kwargs", "qk_norm", "scaled_cosine_attn", "proj_bias") if v.get(k) or t.get(k)]
     allowed = {"pool_type": (v.get("pool_type", "tok"), ("tok",)),  # value, supported values
@@ -514,15 +526,19 @@ def load_clip(repo_or_path=OPENAI_CLIP_L, device="cpu", dtype=torch.float32):
     family, text = clip_text_arch(cfg, cfg_name, cfg_path)
     if family == "hf" and "vision_config" not in cfg:
         raise ValueError(f"{cfg_path}: no vision_config: a CLIP text model, not a CLIPModel with images")
-    vision, embed_dim, eos_id, image_cfg = (_hf_clip_cfg(cfg, repo_or_path) if family == "hf"
-                                            else _open_clip_cfg(cfg, cfg_path))
+    if family == "hf":
+        vision, embed_dim, eos_id, image_cfg = _hf_clip_cfg(cfg, repo_or_path)
+    else:
+        vision, embed_dim, eos_id, image_cfg = _open_clip_cfg(cfg, cfg_path)
     weights, _, _ = find_file(repo_or_path, _WEIGHT_FILES[family], [None])
     with torch.device("meta"):
         model = CLIP(vision, text, embed_dim)
     convert = hf_clip_to_clip if family == "hf" else open_clip_to_clip
     load_state_dict(model, convert(read_weights(weights)), weights, assign=True)
     model.tokenizer = load_tokenizer(repo_or_path, None, family, text["context_length"])
-    model.eos_id, model.image_cfg, model.name = eos_id, image_cfg, repo_or_path
+    model.eos_id = eos_id
+    model.image_cfg = image_cfg
+    model.name = repo_or_path
     return frozen(model, device, dtype)
 
 # -----------------------------------------------------------------------------
@@ -545,7 +561,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x):
         h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        if self.conv_shortcut is not None:  # the width changes
+            x = self.conv_shortcut(x)
+        return x + h
 
 
 class SpatialSelfAttention(nn.Module):
@@ -555,8 +573,7 @@ class SpatialSelfAttention(nn.Module):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
-        # diffusers keeps a (dropped-out) Dropout at to_out.1
-        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers has a Dropout at to_out.1: no weights
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -582,8 +599,7 @@ class MidBlock(nn.Module):
 
 
 class Block(nn.Module):
-    """n ResnetBlocks, then an optional 2x resampling conv
-    (diffusers DownEncoderBlock2D / UpDecoderBlock2D)."""
+    """n ResnetBlocks, then an optional 2x resampling conv: DownEncoderBlock2D / UpDecoderBlock2D."""
 
     def __init__(self, cin, cout, n, groups, resample=None):  # resample: None, "down" or "up"
         super().__init__()
@@ -612,9 +628,10 @@ class Encoder(nn.Module):
         super().__init__()
         ch, n, g = c["block_out_channels"], c["layers_per_block"], c["norm_num_groups"]
         self.conv_in = nn.Conv2d(c["in_channels"], ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], n, g,
-                                                "down" if i < len(ch) - 1 else None)
-                                          for i in range(len(ch))])
+        self.down_blocks = nn.ModuleList()
+        for i in range(len(ch)):
+            resample = "down" if i < len(ch) - 1 else None  # all but the last level halve H and W
+            self.down_blocks.append(Block(ch[max(i - 1, 0)], ch[i], n, g, resample))
         self.mid_block = MidBlock(ch[-1], g, c["mid_block_add_attention"])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], 2 * c["latent_channels"], 3, padding=1)  # mean and log-variance
@@ -627,17 +644,17 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (B, latent_channels, h, w) -> image (B, 3, h*f, w*f): the encoder mirrored,
-    one more resnet a level."""
+    """Latent (B, C, h, w) -> image (B, 3, h*f, w*f): the encoder mirrored, with one more resnet a level."""
 
     def __init__(self, c):
         super().__init__()
         ch, n, g = c["block_out_channels"][::-1], c["layers_per_block"] + 1, c["norm_num_groups"]
         self.conv_in = nn.Conv2d(c["latent_channels"], ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, c["mid_block_add_attention"])
-        self.up_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], n, g,
-                                              "up" if i < len(ch) - 1 else None)
-                                        for i in range(len(ch))])
+        self.up_blocks = nn.ModuleList()
+        for i in range(len(ch)):
+            resample = "up" if i < len(ch) - 1 else None  # all but the last level double H and W
+            self.up_blocks.append(Block(ch[max(i - 1, 0)], ch[i], n, g, resample))
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], c["out_channels"], 3, padding=1)
 
@@ -660,24 +677,24 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"unsupported AutoencoderKL config (act_fn {c['act_fn']}, "
                              f"blocks {sorted(blocks)}, latents_mean {c['latents_mean']}): "
                              "only the SD/SDXL-style KL-f8 layout is implemented")
-        self.config, L = c, c["latent_channels"]
+        self.config = c
+        L = c["latent_channels"]
         self.encoder, self.decoder = Encoder(c), Decoder(c)
         self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1) if c["use_quant_conv"] else None
         self.post_quant_conv = nn.Conv2d(L, L, 1) if c["use_post_quant_conv"] else None
         self.latent_channels, self.scaling_factor = L, float(c["scaling_factor"])
         self.downsample_factor = 2 ** (len(c["block_out_channels"]) - 1)  # 8 for SD/SDXL: 256px -> 32x32
-        # null for SDXL and ostris
-        self.shift_factor = None if c["shift_factor"] is None else float(c["shift_factor"])
+        self.shift_factor = None if c["shift_factor"] is None else float(c["shift_factor"])  # SDXL: null
 
     def encode(self, images, sample=True, generator=None, noise=None):
-        """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8): posterior sample (or mean),
-        shifted and scaled for diffusion."""
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8): posterior sample (or mean), shifted and scaled."""
         moments = self.encoder(images.to(self.encoder.conv_in.weight.dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
         z = mean
-        # the paper stores posterior samples, not means (SPEC A4); noise is drawn on the generator's device
+        # MicroDiT stores posterior samples, not means (micro_diffusion/datasets/prepare/*/precompute.py);
+        # noise is drawn on the generator's device
         if sample:
             if noise is None:
                 device = generator.device if generator is not None else mean.device
@@ -726,8 +743,7 @@ PIXELS = {"type": "pixels"}  # the shapes dataset: the 'latents' are the images 
 
 
 def text_encoder_from_spec(spec, device="cpu"):
-    """The frozen text encoder a spec names: {'type': 'builtin', 'dim', 'max_len', 'context'}
-    or {'type': 'clip', ...}."""
+    """The frozen text encoder a spec names: {'type': 'builtin', 'dim', 'max_len', 'context'} or a CLIP's."""
     if spec.get("type") == "builtin":
         # runs on the CPU whatever the device; its output is moved by the caller
         return BuiltinTextEncoder(spec["dim"], spec["max_len"], spec.get("context", 0.0))  # older specs: none
@@ -737,8 +753,7 @@ def text_encoder_from_spec(spec, device="cpu"):
 
 
 def vae_from_spec(spec, device="cpu"):
-    """The frozen VAE a latent spec names: an AutoencoderKL for {'type': 'vae', 'repo', ...},
-    None for pixels."""
+    """The frozen VAE a latent spec names: an AutoencoderKL for {'type': 'vae', ...}, None for pixels."""
     if spec.get("type") == "pixels":
         return None
     if spec.get("type") == "vae":
@@ -753,8 +768,7 @@ def load_encoders(config, device="cpu"):
 
 
 def _checked(encoder, spec):
-    """The encoder, after checking that its weights have the shape and scale the spec recorded
-    (a repo may change)."""
+    """The encoder, checked to have the shape and scale its spec recorded (a repo's files may change)."""
     bad = {k: (v, encoder.spec[k]) for k, v in spec.items()
            if k not in ("repo", "subfolder") and encoder.spec.get(k, v) != v}
     if bad:
@@ -764,15 +778,14 @@ def _checked(encoder, spec):
 
 @torch.no_grad()
 def latents_to_images(x, spec, vae=None):
-    """Latents (B, C, h, w) -> list of uint8 (H, W, 3) images: decoded by the spec's VAE
-    (loaded if not given)."""
+    """Latents (B, C, h, w) -> list of uint8 (H, W, 3) images, decoded by the spec's VAE (loaded if None)."""
     if spec.get("type") == "vae":
-        vae = vae if vae is not None else vae_from_spec(spec, x.device)
+        if vae is None:
+            vae = vae_from_spec(spec, x.device)
         x = vae.decode(x.to(vae.decoder.conv_in.weight.device))  # (B, 3, 8h, 8w), about [-1, 1]
     elif spec.get("type") != "pixels":
         raise ValueError(f"unknown latent spec {spec!r}: expected type 'pixels' or 'vae'")
     return list(latent_to_image(x))
-
 
 
 def image_to_latent(img):

@@ -46,7 +46,9 @@ def run_train(run_dir, flags, extra_args=()):
     if code:
         raise RuntimeError(f"train.py failed in {run_dir} (exit {code}); its output: {run_dir}/stdout.txt")
     log = os.path.join(run_dir, "log.jsonl")
-    finals = [r for r in read_jsonl(log) if r.get("final")] if os.path.exists(log) else []
+    finals = []  # the closing records: one per call that ran to its end
+    if os.path.exists(log):
+        finals = [r for r in read_jsonl(log) if r.get("final")]
     if not finals:  # stopped by a signal: train.py checkpointed, and --resume=auto continues it next time
         raise RuntimeError(f"{run_dir}: train.py stopped before its end; run the same command to resume it")
     accs = [finals[-1][f"acc_{k}"] for k in ("shape", "colour", "position")]
@@ -75,8 +77,9 @@ def sweep(out_path="results/scaling_sweep.jsonl", models=SWEEP_MODELS, steps_lis
     unknown = [m for m in models if m not in PRESETS]
     if unknown:
         raise ValueError(f"sweep: unknown presets {unknown}; model.py has {list(PRESETS)}")
-    # an interrupted sweep resumes: runs already in out_path are not repeated
-    done = {(r["model"], r["steps"]) for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
+    done = set()  # an interrupted sweep resumes: runs already in out_path are not repeated
+    if os.path.exists(out_path):
+        done = {(r["model"], r["steps"]) for r in read_jsonl(out_path)}
     for model in models:
         f_img = flops_per_image(PRESETS[model], mask_ratio, train=True, caption_len=24)  # built-in 24 tokens
         for steps in steps_list:
@@ -193,8 +196,12 @@ ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", 
 
 def model_args_text(overrides):
     """{field: value} -> train.py's --model_args text, e.g. "mixer_depth=0,mlp_ratio=2.5:2.5"."""
-    return ",".join(f"{k}={':'.join(map(str, v)) if isinstance(v, tuple) else v}"
-                    for k, v in overrides.items())
+    parts = []
+    for k, v in overrides.items():
+        if isinstance(v, tuple):  # train.py reads a tuple as its items joined by ':'
+            v = ":".join(map(str, v))
+        parts.append(f"{k}={v}")
+    return ",".join(parts)
 
 
 def ablation_runs(tables, seeds=None, base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH):
@@ -204,15 +211,23 @@ def ablation_runs(tables, seeds=None, base_steps=ABLATION_BASE_STEPS, batch_size
     if unknown:
         raise ValueError(f"ablate: unknown tables {unknown}; choose from {list(ABLATION_TABLES)}")
 
+    counted = {}  # the FLOP counter runs the model on the meta device, ~1 s a call: each config once
+
+    def flops(cfg, mask_ratio):  # training FLOPs per image at one mask ratio, with the built-in 24 tokens
+        key = (repr(cfg), mask_ratio)
+        if key not in counted:
+            counted[key] = flops_per_image(cfg, mask_ratio, train=True, caption_len=24)
+        return counted[key]
+
     def per_image(cfg, mask_ratio):  # training FLOPs per image, averaged over the masked and unmasked steps
-        f = lambda m: flops_per_image(cfg, m, train=True, caption_len=24)  # the built-in encoder's 24 tokens
-        return ((1 - ABLATION_UNMASKED) * f(mask_ratio) + ABLATION_UNMASKED * f(0.0) if mask_ratio
-                else f(0.0)), f
+        if not mask_ratio:
+            return flops(cfg, 0.0)
+        return (1 - ABLATION_UNMASKED) * flops(cfg, mask_ratio) + ABLATION_UNMASKED * flops(cfg, 0.0)
 
     def plan(variant):  # (config, steps, unmasked steps, training FLOPs) of one run of the variant
         spec = {**BASE, **VARIANTS[variant]}
         cfg = replace(get_config(spec["model"]), **spec["model_args"])
-        f_avg, f = per_image(cfg, spec["mask_ratio"])
+        f_avg = per_image(cfg, spec["mask_ratio"])
         if spec["steps_of"]:
             steps = plan(spec["steps_of"])[1]
         elif spec["ref"]:  # the reference's FLOPs x budget, in whole steps
@@ -221,20 +236,21 @@ def ablation_runs(tables, seeds=None, base_steps=ABLATION_BASE_STEPS, batch_size
             steps = round(spec["steps"] * base_steps)
         steps = max(1, steps)
         unmasked = round(ABLATION_UNMASKED * steps) if spec["mask_ratio"] else 0
-        flops = ((steps - unmasked) * f(spec["mask_ratio"]) + unmasked * f(0.0)) * batch_size
-        return cfg, steps, unmasked, flops
+        # one image's FLOPs through all the steps, masked then unmasked; times the batch
+        image_flops = (steps - unmasked) * flops(cfg, spec["mask_ratio"]) + unmasked * flops(cfg, 0.0)
+        return cfg, steps, unmasked, image_flops * batch_size
 
     runs = {}
     for t in tables:
         for _, variant in ABLATION_TABLES[t][1]:
             spec = {**BASE, **VARIANTS[variant]}
-            cfg, steps, unmasked, flops = plan(variant)
+            cfg, steps, unmasked, run_flops = plan(variant)
             for seed in seeds or TABLE_SEEDS.get(t, ABLATION_SEEDS):
                 texts = {k: model_args_text(spec[k]) for k in ("model_args", "data", "eval")}
                 runs[f"{variant}_s{seed}"] = dict(
                     variant=variant, seed=seed, model=spec["model"], mask_ratio=spec["mask_ratio"], **texts,
                     params=param_count(cfg), steps=steps, unmasked_steps=unmasked, images=steps * batch_size,
-                    flops=flops)
+                    flops=run_flops)
     return runs
 
 
@@ -243,27 +259,36 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=None, jobs=2,
            data_root="data_cache", dataset_size=ABLATION_DATASET_SIZE, train_args=()):
     """Train and evaluate every run the tables need, `jobs` at a time; one JSON line per finished run."""
     runs = ablation_runs(tables, seeds, base_steps, batch_size)
-    # an interrupted ablation resumes: finished runs are not repeated
-    done = {r["run"] for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
+    done = set()  # an interrupted ablation resumes: finished runs are not repeated
+    if os.path.exists(out_path):
+        done = {r["run"] for r in read_jsonl(out_path)}
     todo = {k: r for k, r in runs.items() if k not in done}
     print(f"ablate: {len(runs)} runs ({len(runs) - len(todo)} already in {out_path}), {jobs} at a time")
-    options = lambda r: VARIANTS[r["variant"]].get("data", {})  # train.py's dataset_* flags
+
+    def options(r):  # train.py's dataset_* flags of a run
+        return VARIANTS[r["variant"]].get("data", {})
 
     def data_dir(r):  # one folder per seed and dataset options
         tag = "".join(f"_{k.removeprefix('dataset_')}{v}" for k, v in sorted(options(r).items()))
         return os.path.join(data_root, f"ablate_shapes32_seed{r['seed']}{tag}")
-    for r in {data_dir(r): r for r in todo.values()}.values():  # each written once, before the runs using it
-        data.make_shapes_dataset(data_dir(r), dataset_size, res=32, seed=r["seed"], text_dim=64,
-                                 **{k.removeprefix("dataset_"): v for k, v in options(r).items()})
+
+    datasets = {}  # folder -> a run that reads it: each dataset is written once, before the runs using it
+    for r in todo.values():
+        datasets[data_dir(r)] = r
+    for folder, r in datasets.items():
+        dataset_options = {k.removeprefix("dataset_"): v for k, v in options(r).items()}
+        data.make_shapes_dataset(folder, dataset_size, res=32, seed=r["seed"], text_dim=64, **dataset_options)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     lock = threading.Lock()
 
     def run(name, r):
-        results = run_train(os.path.join(run_root, name), dict(
-            model=r["model"], mask_ratio=r["mask_ratio"], model_args=r["model_args"], max_steps=r["steps"],
-            warmup_steps=r["steps"] // 10, unmasked_steps=r["unmasked_steps"], batch_size=batch_size,
-            seed=r["seed"], data_dir=data_dir(r), dataset_size=dataset_size, threads=threads,
-            ckpt_every=r["steps"], **options(r), **VARIANTS[r["variant"]].get("eval", {})), train_args)
+        flags = dict(model=r["model"], mask_ratio=r["mask_ratio"], model_args=r["model_args"],
+                     max_steps=r["steps"], warmup_steps=r["steps"] // 10, unmasked_steps=r["unmasked_steps"],
+                     batch_size=batch_size, seed=r["seed"], data_dir=data_dir(r), dataset_size=dataset_size,
+                     threads=threads, ckpt_every=r["steps"])
+        flags.update(options(r))
+        flags.update(VARIANTS[r["variant"]].get("eval", {}))
+        results = run_train(os.path.join(run_root, name), flags, train_args)
         row = dict(run=name, **r, **results)
         with lock:
             append_jsonl(out_path, row)
@@ -286,8 +311,11 @@ def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
     by_variant = {}
     for r in rows:
         by_variant.setdefault(r["variant"], []).append(r)
-    stat = lambda rs, k: (np.mean([r[k] for r in rs]), (max(r[k] for r in rs) - min(r[k] for r in rs)) / 2)
-    cell = lambda rs, k, fmt: "{0:{2}} ± {1:{2}}".format(*stat(rs, k), fmt)
+    def cell(rs, k, fmt):  # "mean ± half the range" of field k over the seeds' rows
+        values = [r[k] for r in rs]
+        half_range = (max(values) - min(values)) / 2
+        return f"{np.mean(values):{fmt}} ± {half_range:{fmt}}"
+
     out = []
     for t in tables:
         claim, table_rows = ABLATION_TABLES[t]
@@ -300,8 +328,9 @@ def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
             if not rs:
                 out.append(f"| {label} | not run |" + " |" * 9)
                 continue
+            unmasked = rs[0]["unmasked_steps"] if rs[0]["mask_ratio"] else "all"
             out.append(f"| {label} | {rs[0]['params'] / 1e6:.2f}M | {rs[0]['flops'] / 1e9:,.0f} | "
-                       f"{rs[0]['steps']} ({rs[0]['unmasked_steps'] if rs[0]['mask_ratio'] else 'all'}) | "
+                       f"{rs[0]['steps']} ({unmasked}) | "
                        f"{len(rs)} | {cell(rs, 'final_loss', '.4f')} | {cell(rs, 'acc_shape', '.3f')} | "
                        f"{cell(rs, 'acc_colour', '.3f')} | {cell(rs, 'acc_position', '.3f')} | "
                        f"{cell(rs, 'acc_mean', '.3f')} | {np.mean([r['wall_s'] for r in rs]):.0f} |")
@@ -374,9 +403,12 @@ TUNE_KEYS = ("run", "name", "seed", "threads", *PREVIOUS, "final_loss", "acc_sha
 def tune(out_path="results/tuning.jsonl", names=tuple(TUNING), seeds=(0,), threads=0, run_root="out/tune"):
     """One `python train.py` per (candidate, seed), one at a time; a JSON line per finished run (resumable,
     as every command here)."""
-    if unknown := [n for n in names if n not in TUNING]:
+    unknown = [n for n in names if n not in TUNING]
+    if unknown:
         raise ValueError(f"tune: unknown candidates {unknown}; choose from {list(TUNING)}")
-    done = {r["run"] for r in read_jsonl(out_path)} if os.path.exists(out_path) else set()
+    done = set()  # runs already in out_path are not repeated
+    if os.path.exists(out_path):
+        done = {r["run"] for r in read_jsonl(out_path)}
     for name in names:
         for seed in seeds:
             run = f"{name}_s{seed}"
@@ -396,14 +428,18 @@ def tuning_table(rows):
     out = ["| candidate | why | knobs changed from `previous` | seeds | steps x batch | val loss | shape "
            "| colour | position | mean | data s | train s | eval s | wall s |", "|---" * 14 + "|"]
     for name, (what, knobs) in TUNING.items():
-        if not (rs := [r for r in rows if r["name"] == name]):
+        rs = [r for r in rows if r["name"] == name]  # its seeds
+        if not rs:
             continue
-        m = lambda k: np.mean([r[k] for r in rs])
+        keys = ("final_loss", "acc_shape", "acc_colour", "acc_position", "acc_mean", "data_s", "train_s",
+                "eval_s", "wall_s")
+        mean = {k: np.mean([r[k] for r in rs]) for k in keys}
         changed = ", ".join(f"{k} {v}" for k, v in knobs.items() if v != PREVIOUS[k]) or "-"
-        out.append(f"| {name} | {what} | {changed} | {len(rs)} | {knobs['max_steps']} x "
-                   f"{knobs['batch_size']} | {m('final_loss'):.4f} | " + " | ".join(f"{m(k):.3f}" for k in (
-                       "acc_shape", "acc_colour", "acc_position", "acc_mean")) + " | "
-                   + " | ".join(f"{m(k):.0f}" for k in ("data_s", "train_s", "eval_s", "wall_s")) + " |")
+        cells = [name, what, changed, len(rs), f"{knobs['max_steps']} x {knobs['batch_size']}",
+                 f"{mean['final_loss']:.4f}"]
+        cells += [f"{mean[k]:.3f}" for k in ("acc_shape", "acc_colour", "acc_position", "acc_mean")]
+        cells += [f"{mean[k]:.0f}" for k in ("data_s", "train_s", "eval_s", "wall_s")]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out)
 
 
@@ -413,7 +449,9 @@ def tuning_table(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     sub = p.add_subparsers(dest="cmd", required=True)
-    add = lambda name, text: sub.add_parser(name, help=text, description=text, formatter_class=Help)
+    def add(name, text):  # a subcommand whose --help starts with its one-line description
+        return sub.add_parser(name, help=text, description=text, formatter_class=Help)
+
     s = add("sweep", "train and evaluate a grid of small models (calls train.py)")
     s.add_argument("--out", default="results/scaling_sweep.jsonl", help="results JSONL, one row per run")
     a = add("ablate", "the papers' ablations in miniature, at equal FLOPs (calls train.py)")
@@ -452,9 +490,11 @@ def main(argv=None):
             if not args.report:
                 tune(args.out, [n for n in args.names.split(",") if n],
                      [int(x) for x in args.seeds.split(",")], args.threads, args.run_root)
-            return print(tuning_table(load_rows(args.out, TUNE_KEYS)))
+            print(tuning_table(load_rows(args.out, TUNE_KEYS)))
+            return
         tables = [t for t in args.tables.split(",") if t]
-        if unknown := [t for t in tables if t not in ABLATION_TABLES]:
+        unknown = [t for t in tables if t not in ABLATION_TABLES]
+        if unknown:
             p.error(f"ablate: unknown --tables {unknown}; choose from {', '.join(ABLATION_TABLES)}")
         if not args.report:
             if args.seeds and not all(x.strip().isdigit() for x in args.seeds.split(",")):

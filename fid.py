@@ -1,8 +1,8 @@
 """Frechet Inception Distance from scratch: the FID InceptionV3, streaming feature statistics, the distance;
 and the CLIP score, the second number of the COCO protocol.
 
-FID matches pytorch-fid (SPEC D; the same network and weights file) or, with --resize clean, clean-fid's clean
-mode; the CLIP score matches torchmetrics' CLIPScore (SPEC E).
+FID (Heusel et al. 2017) matches pytorch-fid (the same network and weights file) or, with --resize clean,
+clean-fid's clean mode (Parmar et al. 2022); the CLIP score (Hessel et al. 2021), torchmetrics' CLIPScore.
     python fid.py samples/ ref_stats.npz                      # FID of a folder against saved statistics
     python fid.py real/ --save-stats real.npz                 # statistics of one folder
     python fid.py coco-captions captions_val2014.json --out coco30k.txt   # captions of the COCO protocol
@@ -283,8 +283,9 @@ def fetch_weights(weights=None, repo_id=None, cache_dir=None):
     try:
         with atomic_write(path) as tmp:  # a partial download never takes the final name
             with open(tmp, "wb") as f, urllib.request.urlopen(weights) as r:
-                size = int(r.headers.get("Content-Length") or 0) or None
-                with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
+                size = int(r.headers.get("Content-Length") or 0)  # 0: the server did not say
+                desc = f"downloading {path.name}"
+                with tqdm(total=size or None, unit="B", unit_scale=True, desc=desc) as bar:
                     for chunk in iter(lambda: r.read(1 << 20), b""):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -326,19 +327,23 @@ def list_images(folder):
     """The images of a folder: a sample folder (with sample.py's prompts.txt) has 000000.png, 000001.png, ...,
     one per line, and nothing else counts (grid.png); any other folder: every image file directly inside
     (extensions as pytorch-fid), sorted."""
-    folder, prompts = Path(folder), Path(folder) / "prompts.txt"
+    folder = Path(folder)
+    prompts = folder / "prompts.txt"
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder of images: {folder}")
     if prompts.is_file():
         files = [folder / f"{i:06d}.png" for i in range(len(read_lines(prompts)))]
-        if missing := next((f for f in files if not f.is_file()), None):
-            raise FileNotFoundError(f"{missing}: no such image, but {prompts} describes {len(files)} "
-                                    f"(000000.png ...)")
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: no such image, but {prompts} describes {len(files)} "
+                                        f"(000000.png ...)")
     else:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise FileNotFoundError(f"no images ({' '.join(sorted(IMAGE_EXTS))}) in {folder}"
-                                + (" (its prompts.txt is empty)" if prompts.is_file() else ""))
+        message = f"no images ({' '.join(sorted(IMAGE_EXTS))}) in {folder}"
+        if prompts.is_file():
+            message += " (its prompts.txt is empty)"
+        raise FileNotFoundError(message)
     return files
 
 
@@ -362,9 +367,11 @@ def load_image(path, resize="bilinear", crop=None):
     x = np.asarray(img, dtype=np.float32)  # (H, W, 3) in [0, 255]
     if resize == "clean":
         # clean-fid: antialiased PIL bicubic on each channel in float ("F" images), so no uint8 rounding.
-        chans = [Image.fromarray(np.ascontiguousarray(x[..., c])).resize((RES, RES), Image.Resampling.BICUBIC)
-                 for c in range(3)]
-        x = np.stack([np.asarray(c) for c in chans]).clip(0, 255)  # (3, 299, 299)
+        chans = []
+        for c in range(3):
+            chan = Image.fromarray(np.ascontiguousarray(x[..., c]))  # (H, W) float32, PIL mode "F"
+            chans.append(np.asarray(chan.resize((RES, RES), Image.Resampling.BICUBIC)))
+        x = np.stack(chans).clip(0, 255)  # (3, 299, 299)
         return torch.from_numpy((x - 128) / 128)  # clean-fid's scaling, not 2x/255 - 1
     if resize != "bilinear":
         raise ValueError(f"resize must be 'bilinear' (pytorch-fid) or 'clean' (clean-fid), got {resize!r}")
@@ -379,7 +386,8 @@ class ImageFiles(torch.utils.data.Dataset):
     message that names it instead (see image_batches)."""
 
     def __init__(self, files, load):
-        self.files, self.load = files, load
+        self.files = files
+        self.load = load
 
     def __len__(self):
         return len(self.files)
@@ -416,14 +424,17 @@ class RunningStats:
     """Mean and covariance of feature rows, accumulated batch by batch in float64 without keeping the rows."""
 
     def __init__(self, dim):
-        # m2: sum of centred outer products
-        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros((dim, dim))
+        self.n = 0  # rows seen
+        self.mean = np.zeros(dim)
+        self.m2 = np.zeros((dim, dim))  # the sum of the centred outer products
 
     def update(self, x):  # x (B, dim)
         x = np.asarray(x, dtype=np.float64)
-        b, mean_b = len(x), x.mean(0)
+        b = len(x)
+        mean_b = x.mean(0)
         xc = x - mean_b
-        delta, n = mean_b - self.mean, self.n + b
+        delta = mean_b - self.mean
+        n = self.n + b
         # Chan et al.'s pairwise merge of centred sums: no cancellation of sum(x x^T) - n mu mu^T
         # when |mu| >> std.
         self.m2 += xc.T @ xc + np.outer(delta, delta) * (self.n * b / n)
@@ -515,14 +526,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 # -----------------------------------------------------------------------------
-# CLIP score (SPEC E): how well images match their captions, as torchmetrics' CLIPScore
+# CLIP score (Hessel et al. 2021): how well images match their captions, as torchmetrics' CLIPScore
 
 
 def pair_scores(image_emb, text_emb):
     """Per-pair CLIP scores 100 max(cos(E_image, E_caption), 0): (B, E) and (B, E) -> (B,) in float64."""
-    # As torchmetrics' documentation and SPEC E define it; its code clips the mean cosine at 0 instead of
-    # each pair's, which differs only where a pair's cosine is negative. Captions over 77 tokens are cut
-    # keeping the end token (CLIPTokenizer), where torchmetrics slices it off; no COCO caption is that long.
+    # As Hessel et al. 2021 and torchmetrics' documentation define it; torchmetrics' code clips the mean
+    # cosine at 0 instead of each pair's, which differs only where a pair's cosine is negative. Captions over
+    # 77 tokens are cut keeping the end token (CLIPTokenizer), where torchmetrics slices it off; no COCO
+    # caption is that long.
     cos = (F.normalize(image_emb.double(), dim=-1) * F.normalize(text_emb.double(), dim=-1)).sum(-1)
     return 100 * cos.clamp(min=0)
 
@@ -536,10 +548,12 @@ def load_clip_image(path, image_cfg):
 def images_and_captions(folder, captions=None):
     """(image files, captions) of a folder: the caption of image i is line i of `captions` or of
     FOLDER/prompts.txt."""
-    files, path = list_images(folder), Path(captions or Path(folder) / "prompts.txt")
+    files = list_images(folder)
+    path = Path(captions or Path(folder) / "prompts.txt")
+    if not path.is_file() and captions:
+        raise FileNotFoundError(f"{path}: no such captions file")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such captions file" if captions else
-                                f"{folder}: no prompts.txt; give --captions FILE, line i for the i-th image")
+        raise FileNotFoundError(f"{folder}: no prompts.txt; give --captions FILE, line i for the i-th image")
     lines = read_lines(path)
     if len(lines) != len(files):
         raise ValueError(f"{path}: {len(lines)} captions for the {len(files)} images of {folder}")
@@ -548,19 +562,22 @@ def images_and_captions(folder, captions=None):
 
 def clip_score(files, captions, clip, batch_size=50, device="cpu", workers=0, progress=True):
     """The mean CLIP score of image files and their captions (image i with caption i), in float64."""
-    total, n = 0.0, 0
+    total = 0.0  # the sum of the scores so far
+    n = 0  # images scored so far
     load = functools.partial(load_clip_image, image_cfg=clip.image_cfg)
     bar = tqdm(total=len(files), unit="img", desc="CLIP score", disable=not progress)
     with torch.inference_mode(), bar:
         for x in image_batches(files, load, batch_size, workers, device):  # (B, 3, S, S)
-            scores = pair_scores(clip.encode_image(x.to(device)), clip.encode_text(captions[n:n + len(x)]))
-            total, n = total + scores.sum().item(), n + len(x)
+            image_emb = clip.encode_image(x.to(device))
+            text_emb = clip.encode_text(captions[n:n + len(x)])
+            total += pair_scores(image_emb, text_emb).sum().item()
+            n += len(x)
             bar.update(len(x))
     return total / n
 
 
 # -----------------------------------------------------------------------------
-# The zero-shot COCO protocol (SPEC D): 30K captions of COCO 2014 val -> one sample each
+# The zero-shot COCO protocol: 30K captions of COCO 2014 val -> one sample each
 # -> FID against val2014
 
 
@@ -649,7 +666,8 @@ def fid_main(argv):
     modes = [loaded[path][2] if path in loaded else args.resize for path in args.paths]  # folders: --resize
     if len(modes) == 2:
         check_modes(args.paths[0], modes[0], args.paths[1], modes[1])
-    net, stats = None, []
+    net = None  # loaded once, and only if a PATH is a folder
+    stats = []
     for path in args.paths:
         if path in loaded:
             stats.append(loaded[path][:2])
@@ -673,7 +691,7 @@ def coco_captions_parser():
                                 description="Captions file for zero-shot COCO FID.")
     p.add_argument("annotations", help="COCO captions_val2014.json")
     p.add_argument("--out", required=True, help="text file, one caption per line (input of sample.py)")
-    p.add_argument("--num", type=int, default=30000, help="number of captions (SPEC D: 30K)")
+    p.add_argument("--num", type=int, default=30000, help="number of captions (the protocol's 30K)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw")
     return p
 
@@ -746,8 +764,10 @@ def protocol_main(argv):
     fid_value = frechet_distance(mu, sigma, mu_ref, sigma_ref)
     clip = load_clip(args.clip_weights, device=args.device)
     score = clip_score(files, captions, clip, args.batch_size, args.device, args.workers)
-    meta = Path(args.samples) / "sample.json"  # written by sample.py: ckpt, seed, steps, ..., command
-    meta = read_json(meta) if meta.is_file() else {}
+    manifest = Path(args.samples) / "sample.json"  # written by sample.py: ckpt, seed, steps, ..., command
+    meta = {}
+    if manifest.is_file():
+        meta = read_json(manifest)
     print(f"FID: {fid_value:.4f}  CLIP score: {score:.4f}  ({len(files)} images, FID mode {args.resize})")
     write_result(args.out or f"{Path(args.samples)}_protocol.json", {
         "fid": fid_value, "clip_score": score, "num_images": len(files), "fid_mode": args.resize,
@@ -764,7 +784,9 @@ SUBCOMMANDS = {"coco-captions": (coco_captions_parser, coco_captions_main),  # n
 
 def main(argv=None):
     """CLI: python fid.py [coco-captions | clip-score | protocol] ARGS; without a subcommand, FID."""
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = [str(a) for a in argv]  # paths may come as pathlib.Path from Python
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]][1](argv[1:])
     return fid_main(argv)

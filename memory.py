@@ -1,16 +1,18 @@
 """
 Per-GPU memory of a training step, planned before it runs: the model's states (fp32 weights, gradients,
-AdamW's two moments, the fp32 EMA) and its activations, under three strategies:
+AdamW's two moments, the fp32 EMA) and its activations, under three strategies. The model states are counted
+as ZeRO counts them (Rajbhandari et al. 2020), with fp32 weights and gradients and an EMA copy; FSDP is
+PyTorch's FSDP2 (fully_shard, parallel.py), ZeRO's stage 3:
 
-    DDP          every state whole on every GPU: 4 + 4 + 8 + 4 = 20 bytes per parameter (SPEC F)
+    DDP          every state whole on every GPU: 4 + 4 + 8 + 4 = 20 bytes per parameter
     FSDP         full sharding over G GPUs: the states divided by G, plus the parameters being computed
                  gathered whole in the compute dtype (the root's own ones and the two largest blocks: the one
                  running and the one prefetched)
     FSDP + ckpt  the same, with every block under activation checkpointing: a block keeps only its inputs,
                  and backward recomputes one block at a time
 
-(DDP's gradient buckets add 4 bytes per parameter more unless gradient_as_bucket_view=True; as in SPEC F, they
-are not counted.)
+(DDP's gradient buckets add 4 bytes per parameter more unless gradient_as_bucket_view=True; they are not
+counted.)
 
 Activations are measured, not modelled: one training forward (the EDM loss through diffusion.Denoiser) runs
 on the meta device under torch.autograd.graph.saved_tensors_hooks, and the bytes of every tensor autograd
@@ -54,8 +56,11 @@ GB = 1e9                # bytes; every figure printed is in GB of 10^9 bytes
 GPU_BYTES = 80e9        # an 80 GB GPU (an H100 80GB holds 85.9e9 bytes: the rest is left to the CUDA
                         # context, the allocator's fragmentation and each op's transient buffers)
 CAPTION_LEN = 77        # caption tokens (OpenCLIP-H's context)
-P_MEAN, P_STD, CAPTION_DROPOUT = -0.6, 1.2, 0.1  # train.py's defaults; only the shapes matter here
-STATE_BYTES = {"weights": 4, "grads": 4, "moments": 8, "ema": 4}  # per parameter, all fp32 (SPEC F)
+P_MEAN = -0.6           # train.py's defaults for the noise levels and caption dropout;
+P_STD = 1.2             # only the shapes they give matter here
+CAPTION_DROPOUT = 0.1
+STATE_BYTES = {"weights": 4, "grads": 4, "moments": 8, "ema": 4}  # per parameter, all fp32
+
 
 def paper_presets():
     """MicroDiT_XL_2 and the 16 UNets of Paper B's Table 1 (the UNet presets on SDXL VAE latents)."""
@@ -103,7 +108,11 @@ class BF16Autocast(TorchFunctionMode):
         return t.to(dtype)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        dtype = torch.bfloat16 if func in TO_BF16 else torch.float32 if func in TO_FP32 else None
+        dtype = None  # an op of neither list runs in the dtype of its inputs
+        if func in TO_BF16:
+            dtype = torch.bfloat16
+        elif func in TO_FP32:
+            dtype = torch.float32
         if dtype is not None:  # (inside this method the mode is off: the casts themselves are not re-cast)
             args, kwargs = tree_map(lambda t: self.cast(t, dtype), (args, kwargs or {}))
         return func(*args, **(kwargs or {}))
@@ -126,8 +135,13 @@ class SavedTensors:
     saved (what backward recomputes when that block is checkpointed), its inputs not included."""
 
     def __init__(self, skip, copies=frozenset()):
-        self.seen, self.copies, self.kept = set(skip), copies, []  # copies: a set that grows as they are made
-        self.total, self.per_block, self.block, self.inputs = 0, {}, None, set()
+        self.seen = set(skip)  # the storages counted, or not to count
+        self.copies = copies  # autocast's weight copies: a set that grows as they are made
+        self.kept = []  # every counted tensor, kept alive so that no storage key is reused
+        self.total = 0  # bytes saved
+        self.per_block = {}  # {block name: bytes it created and saved}
+        self.block = None  # the block running
+        self.inputs = set()  # the storages of its inputs
 
     def pack(self, t):
         key = storage_key(t)
@@ -143,19 +157,22 @@ class SavedTensors:
 
     def enter(self, name, args):
         """Forward pre-hook: saves from here on are this block's, except those of its input tensors."""
-        self.block, self.inputs = name, {storage_key(a) for a in args if isinstance(a, torch.Tensor)}
+        self.block = name
+        self.inputs = {storage_key(a) for a in args if isinstance(a, torch.Tensor)}
         self.per_block.setdefault(name, 0)
 
     def leave(self):
-        self.block, self.inputs = None, set()
+        self.block = None
+        self.inputs = set()
 
 
 @contextlib.contextmanager
 def block_hooks(blocks, saved):
     """Tell `saved` which block is running."""
-    handles = [h for name, m in blocks for h in (
-        m.register_forward_pre_hook(lambda mod, args, name=name: saved.enter(name, args)),
-        m.register_forward_hook(lambda *_: saved.leave()))]
+    handles = []
+    for name, m in blocks:
+        handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: saved.enter(name, args)))
+        handles.append(m.register_forward_hook(lambda *_: saved.leave()))
     try:
         yield
     finally:
@@ -183,7 +200,11 @@ def training_forward(net, cfg, batch, mask_ratio, caption_len):
     y = torch.randn(batch, caption_len, cfg.caption_dim)
     sigma, noise, keep = training_noise(batch, x.shape[1:], P_MEAN, P_STD, CAPTION_DROPOUT)
     y = drop_captions(y, keep)
-    return [x, y, sigma, noise], lambda: edm_loss(Denoiser(net), x, y, sigma, noise, mask_ratio)
+
+    def loss():
+        return edm_loss(Denoiser(net), x, y, sigma, noise, mask_ratio)
+
+    return [x, y, sigma, noise], loss
 
 
 def saved_bytes(net, cfg, batch, mask_ratio, bf16, ckpt, caption_len=CAPTION_LEN):
@@ -191,12 +212,19 @@ def saved_bytes(net, cfg, batch, mask_ratio, bf16, ckpt, caption_len=CAPTION_LEN
     blocks = parallel.blocks(net)
     batch_tensors, loss_fn = training_forward(net, cfg, batch, mask_ratio, caption_len)
     skip = {storage_key(t) for t in [*net.parameters(), *net.buffers(), *batch_tensors]}
-    autocast = BF16Autocast() if bf16 else contextlib.nullcontext()
-    saved = SavedTensors(skip, autocast.keys if bf16 else frozenset())
-    with autocast, block_hooks(blocks, saved), checkpointed(blocks) if ckpt else contextlib.nullcontext(), \
-            torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+    autocast = contextlib.nullcontext()
+    copies = frozenset()
+    if bf16:
+        autocast = BF16Autocast()
+        copies = autocast.keys
+    saved = SavedTensors(skip, copies)
+    ckpt_blocks = checkpointed(blocks) if ckpt else contextlib.nullcontext()
+    pack_hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)  # unpack: as it was
+    with autocast, block_hooks(blocks, saved), ckpt_blocks, pack_hooks:
         loss_fn()  # (no backward: what it would need is what was packed)
-    weight_bytes = sum(c.untyped_storage().nbytes() for c in autocast.copies.values()) if bf16 else 0
+    weight_bytes = 0
+    if bf16:
+        weight_bytes = sum(c.untyped_storage().nbytes() for c in autocast.copies.values())
     return saved.total, saved.per_block, weight_bytes
 
 
@@ -230,7 +258,9 @@ def plan(cfg, batch, gpus, mask_ratio=0.0, bf16=True):
     total, fits}}, and the measurement it came from. compute_params: DDP keeps autocast's bf16 copy of every
     weight it used (measured); FSDP gathers the root's parameters and the two largest blocks whole."""
     m = measure(cfg, batch, mask_ratio, bf16)
-    P, gathered = param_count(cfg), (2 if bf16 else 4) * m["gathered_params"]
+    P = param_count(cfg)
+    bytes_per_param = 2 if bf16 else 4  # of a gathered parameter, in the compute dtype
+    gathered = bytes_per_param * m["gathered_params"]
     rows = {"DDP": {**state_bytes(P), "compute_params": m["weight_copies"], "activations": m["activations"]},
             "FSDP": {**state_bytes(P, gpus), "compute_params": gathered, "activations": m["activations"]},
             "FSDP + ckpt": {**state_bytes(P, gpus), "compute_params": gathered,
@@ -246,8 +276,10 @@ def resolution_error(name, res):
     cfg = PRESETS[name]
     if cfg.latent_channels == 3:
         return None
-    step = 8 * (cfg.patch_size if isinstance(cfg, MicroDiTConfig)
-                else 2 ** (len(cfg.channel_mult) - 1))
+    if isinstance(cfg, MicroDiTConfig):
+        step = 8 * cfg.patch_size  # whole patches of the res/8 latents
+    else:
+        step = 8 * 2 ** (len(cfg.channel_mult) - 1)  # latents that every downsampling halves exactly
     if res <= 0 or res % step:
         return f"--res {res}: {name} needs a positive multiple of {step} pixels"
     return None
@@ -269,7 +301,8 @@ def dtype_line(bf16):
 def print_plan(name, batch, gpus, res=256, mask_ratio=None, bf16=True):
     """The three strategies of one preset, one row each."""
     cfg = config_at(name, res)
-    mask_ratio = default_mask_ratio(cfg) if mask_ratio is None else mask_ratio
+    if mask_ratio is None:
+        mask_ratio = default_mask_ratio(cfg)
     rows, m = plan(cfg, batch, gpus, mask_ratio, bf16)
     size = "its own size" if cfg.latent_channels == 3 else f"{res}px"
     latents = f"{cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size}"
@@ -293,8 +326,10 @@ def print_plan(name, batch, gpus, res=256, mask_ratio=None, bf16=True):
 def print_table(names=None, batch=256, gpus=8, res=256, bf16=True):
     """Total per-GPU GB of each strategy for many presets, one row each (default: paper_presets, MicroDiT_XL_2
     at mask ratio 0.75 and 0)."""
-    rows = [(n, None) for n in names] if names else \
-        [("MicroDiT_XL_2", 0.75), ("MicroDiT_XL_2", 0.0)] + [(n, 0.0) for n in paper_presets()[1:]]
+    if names:
+        rows = [(n, None) for n in names]  # (preset, mask ratio; None: its default)
+    else:
+        rows = [("MicroDiT_XL_2", 0.75), ("MicroDiT_XL_2", 0.0)] + [(n, 0.0) for n in paper_presets()[1:]]
     print(f"Per-GPU memory, GB = 1e9 bytes: {batch} images per GPU at {res}px, {gpus} GPUs; states 20 bytes "
           f"per parameter (DDP) or 20/{gpus} (FSDP);\n{dtype_line(bf16)}, measured on the meta device; "
           "* = fits 80 GB")
@@ -303,15 +338,19 @@ def print_table(names=None, batch=256, gpus=8, res=256, bf16=True):
           "recomputes it); DDP, FSDP, FSDP+ckpt: per-GPU totals")
     print(f"{'model':17s} {'params':>7s} {'mask':>4s} | {'states':>6s} {'acts':>6s} {'ckpt acts':>9s} | "
           f"{'DDP':>7s} {'FSDP':>7s} {'FSDP+ckpt':>9s} | largest block (its recomputed GB)")
+    def total(row):  # GB, starred where it fits 80 GB
+        return f"{row['total'] / GB:.1f}{'*' if row['fits'] else ' '}"
+
     for name, mask_ratio in rows:
         cfg = config_at(name, res)
-        mask_ratio = default_mask_ratio(cfg) if mask_ratio is None else mask_ratio
+        if mask_ratio is None:
+            mask_ratio = default_mask_ratio(cfg)
         r, m = plan(cfg, batch, gpus, mask_ratio, bf16)
-        total = lambda s: f"{r[s]['total'] / GB:.1f}{'*' if r[s]['fits'] else ' '}"
         ckpt = r["FSDP + ckpt"]["activations"]
         print(f"{name:17s} {m['params'] / 1e9:6.2f}B {mask_ratio:4.2f} | {20 * m['params'] / GB:6.1f} "
-              f"{m['activations'] / GB:6.1f} {ckpt / GB:9.1f} | {total('DDP'):>7s} {total('FSDP'):>7s} "
-              f"{total('FSDP + ckpt'):>9s} | {m['recompute_block']} ({m['recompute'] / GB:.2f})", flush=True)
+              f"{m['activations'] / GB:6.1f} {ckpt / GB:9.1f} | {total(r['DDP']):>7s} {total(r['FSDP']):>7s} "
+              f"{total(r['FSDP + ckpt']):>9s} | {m['recompute_block']} ({m['recompute'] / GB:.2f})",
+              flush=True)
 
 
 def add_arguments(p):
@@ -335,8 +374,10 @@ def run(args, p):
         p.error(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.mask_ratio and not isinstance(PRESETS[args.model], MicroDiTConfig):
         p.error(f"--mask_ratio {args.mask_ratio}: {args.model} is a UNet, which has no patches to mask")
-    for name in paper_presets() if args.table else [args.model]:
-        if err := resolution_error(name, args.res):
+    names = paper_presets() if args.table else [args.model]
+    for name in names:
+        err = resolution_error(name, args.res)
+        if err:
             p.error(err)
     if args.table:
         print_table(batch=args.batch, gpus=args.gpus, res=args.res, bf16=not args.fp32)

@@ -50,7 +50,7 @@ def _cpu(**kw):
 
 
 PRESETS = {
-    # as released (SPEC A2); 512px checkpoints use latent_size=64, pos_interp_scale=2
+    # as released (micro_diffusion/models/dit.py); 512px checkpoints use latent_size=64, pos_interp_scale=2
     "MicroDiT_XL_2": MicroDiTConfig(),
     "MicroDiT_Tiny_2": MicroDiTConfig(dim=512, depth=16, head_dim=32, mixer_depth=4, mixer_dim=512),
     # XS, S, M: the scaling sweep and the ablations; S_nomixer (S without its patch-mixer): train.py's default
@@ -298,8 +298,7 @@ class FinalLayer(nn.Module):
 
 
 def mask_tokens(x, n_keep):
-    """Keep a random subset of n_keep tokens per sample. Returns (B, n_keep, D) tokens, the (B, T) mask
-    (1 = dropped) and the permutation that restores the original token order."""
+    """Keep n_keep random tokens per sample: kept (B, n_keep, D), mask (B, T) (1 = dropped), ids_restore."""
     B, T, D = x.shape
     ids_shuffle = torch.rand(B, T, device=x.device).argsort(dim=1)  # a random permutation per sample
     ids_restore = ids_shuffle.argsort(dim=1)
@@ -330,22 +329,25 @@ class MicroDiT(nn.Module):
         self.pooled_y_emb_process = Mlp(D, D)  # mean caption token -> added to the timestep embedding
         if cfg.mixer_depth > 0:
             M = cfg.mixer_dim
-            mixer_ffn = lambda moe: ffn_hidden(M, cfg.mixer_mlp_ratio, cfg.multiple_of, moe)
             moe = [cfg.num_experts > 0 and i % 2 == 1 for i in range(cfg.mixer_depth)]
-            self.patch_mixer = nn.ModuleList(Block(M, M, mixer_ffn(m), m, cfg) for m in moe)
-            # width maps between the backbone and a narrower mixer (none at equal widths)
-            wmap = lambda a, b: (nn.Sequential(layer_norm(a), nn.Linear(a, b, bias=cfg.bias)) if a != b
-                                 else nn.Identity())
-            self.patch_mixer_map_xin, self.patch_mixer_map_xout = wmap(D, M), wmap(M, D)
-            self.patch_mixer_map_y = wmap(D, M)
+            ffn = [ffn_hidden(M, cfg.mixer_mlp_ratio, cfg.multiple_of, m) for m in moe]
+            self.patch_mixer = nn.ModuleList(Block(M, M, f, m, cfg) for f, m in zip(ffn, moe))
+            if M != D:  # width maps between the backbone and a narrower mixer
+                self.patch_mixer_map_xin = nn.Sequential(layer_norm(D), nn.Linear(D, M, bias=cfg.bias))
+                self.patch_mixer_map_xout = nn.Sequential(layer_norm(M), nn.Linear(M, D, bias=cfg.bias))
+                self.patch_mixer_map_y = nn.Sequential(layer_norm(D), nn.Linear(D, M, bias=cfg.bias))
+            else:
+                self.patch_mixer_map_xin = nn.Identity()
+                self.patch_mixer_map_xout = nn.Identity()
+                self.patch_mixer_map_y = nn.Identity()
         self.blocks = nn.ModuleList(Block(D, a, f, m, cfg) for a, f, m in layer_widths(cfg))
         self.register_buffer("mask_token", torch.zeros(1, 1, p * p * C))  # fills the output's dropped patches
         self.final_layer = FinalLayer(D, p * p * C)
         self.initialize_weights()
 
     def initialize_weights(self):
-        # SPEC A2: xavier everywhere, small normal on the embedding MLPs, depth-scaled block outputs,
-        # and zero on every adaLN output and on the final projection (each block starts as identity)
+        # as in the official dit.py: xavier everywhere, small normal on the embedding MLPs, depth-scaled block
+        # outputs, zero on each adaLN output and on the final projection (each block starts as identity)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -357,9 +359,8 @@ class MicroDiT(nn.Module):
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1,
                     self.y_embedder.y_proj.fc2, self.pooled_y_emb_process.fc1, self.pooled_y_emb_process.fc2):
             nn.init.normal_(lin.weight, std=0.02)
-        mixer = list(getattr(self, "patch_mixer", []))
         blocks = [(b, 0.02 / math.sqrt(2 * (i + 1))) for i, b in enumerate(self.blocks)]
-        blocks += [(b, 0.02 / math.sqrt(2 * self.cfg.depth)) for b in mixer]
+        blocks += [(b, 0.02 / math.sqrt(2 * self.cfg.depth)) for b in getattr(self, "patch_mixer", [])]
         for block, std in blocks:
             self._init_block(block, std)
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -428,7 +429,7 @@ class MicroDiT(nn.Module):
 
 @dataclass
 class UNetConfig:
-    latent_channels: int = 4  # SDXL VAE latents (SPEC B)
+    latent_channels: int = 4  # SDXL VAE latents, as the scaling paper trains on
     caption_dim: int = 1024  # caption token width (OpenCLIP-H) = cross-attention key/value width
     base_channels: int = 320  # C of Table 1; level i has C * channel_mult[i] channels
     channel_mult: tuple = (1, 2, 4)  # one level per resolution, each halves H and W
@@ -600,9 +601,10 @@ class UNet(nn.Module):
             raise ValueError(f"UNetConfig: channels {bad} indivisible by norm_groups {groups}, head_dim {hd}")
         emb_dim, is_if = 4 * C, cfg.block_type == "if"  # emb_dim: SD/IF timestep embedding width
 
-        res_block = lambda c_in, c_out, resample=None: ResBlock(c_in, c_out, emb_dim, groups, is_if, resample)
-        attn_block = lambda c, d: (IFAttention(c, cfg.caption_dim, hd, groups) if is_if
-                                   else SpatialTransformer(c, d, cfg.caption_dim, hd, groups))
+        def attn_block(c, d):  # d: transformer blocks (SD); IF has one attention, whatever d
+            if is_if:
+                return IFAttention(c, cfg.caption_dim, hd, groups)
+            return SpatialTransformer(c, d, cfg.caption_dim, hd, groups)
 
         self.t_embedder = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # Paper B trains with "no extra conditioning"; pooled_caption adds MicroDiT's pooled-caption path.
@@ -615,30 +617,31 @@ class UNet(nn.Module):
         for i, c_out in enumerate(ch):
             res, attn = [], []
             for _ in range(cfg.num_res_blocks):
-                res.append(res_block(c, c_out))
+                res.append(ResBlock(c, c_out, emb_dim, groups, is_if))
                 c = c_out
                 if depth[i]:
                     attn.append(attn_block(c, depth[i]))
                 skip_ch.append(c)
-            resample = (res_block(c, c, "down") if is_if else Resample(c, up=False)) if i < len(ch) - 1 else None
-            if resample is not None:
+            resample = None
+            if i < len(ch) - 1:  # every level but the lowest halves H and W
+                resample = ResBlock(c, c, emb_dim, groups, is_if, "down") if is_if else Resample(c, up=False)
                 skip_ch.append(c)
             self.down.append(UNetLevel(res, attn, resample))
 
-        # Middle: ResBlock, transformer (SDXL puts its 10-deep one here too), ResBlock.
-        mid_attn = [attn_block(c, cfg.mid_depth)] if cfg.mid_depth else []
-        self.mid = UNetLevel([res_block(c, c), res_block(c, c)], mid_attn)
+        mid_attn = [attn_block(c, cfg.mid_depth)] if cfg.mid_depth else []  # SDXL's middle is 10 deep too
+        self.mid = UNetLevel([ResBlock(c, c, emb_dim, groups, is_if) for _ in range(2)], mid_attn)
 
-        # Up path: num_res_blocks + 1 ResBlocks per level, each eating one skip (last in, first out).
-        self.up = nn.ModuleList()
+        self.up = nn.ModuleList()  # num_res_blocks + 1 ResBlocks per level, each eating a skip (LIFO)
         for i in reversed(range(len(ch))):
             res, attn = [], []
             for _ in range(cfg.num_res_blocks + 1):
-                res.append(res_block(c + skip_ch.pop(), ch[i]))
+                res.append(ResBlock(c + skip_ch.pop(), ch[i], emb_dim, groups, is_if))
                 c = ch[i]
                 if depth[i]:
                     attn.append(attn_block(c, depth[i]))
-            resample = (res_block(c, c, "up") if is_if else Resample(c, up=True)) if i > 0 else None
+            resample = None
+            if i > 0:
+                resample = ResBlock(c, c, emb_dim, groups, is_if, "up") if is_if else Resample(c, up=True)
             self.up.append(UNetLevel(res, attn, resample))
 
         self.norm_out = nn.GroupNorm(groups, ch[0], eps=1e-5)
@@ -721,12 +724,10 @@ UNET_PRESETS = {
     "UNet_TD4_4": _sdxl(320, (0, 4, 4)),  # the paper's "efficient UNet"
     "UNet_TD4_8": _sdxl(320, (0, 4, 8)), "UNet_TD4_12": _sdxl(320, (0, 4, 12)),
     "UNet_C384_TD4_12": _sdxl(384, (0, 4, 12)),
-    # CPU-sized, for the built-in 32x32 RGB shapes dataset: SDXL-style (no attention at full resolution), 4.2M
-    # params, 0.56 forward GMACs per image (MicroDiT_S unmasked: 0.60), conditioned like MicroDiT_S
+    # for the built-in 32x32 shapes: SDXL-style, 4.2M params, 0.56 forward GMACs/image (MicroDiT_S: 0.60)
     "UNet_S": UNetConfig(latent_channels=3, caption_dim=64, base_channels=32, channel_mult=(1, 2, 4),
                          num_res_blocks=1, transformer_depth=(0, 1, 1), mid_depth=1, head_dim=32,
                          norm_groups=8, pooled_caption=True),
-    # Tests: width 32, 8x8 latents, 16-wide captions.
     "UNet_test": UNetConfig(latent_channels=3, caption_dim=16, base_channels=32, channel_mult=(1, 2),
                             num_res_blocks=1, transformer_depth=(1, 1), mid_depth=1, head_dim=16,
                             norm_groups=8, pooled_caption=True, latent_size=8),
@@ -774,8 +775,7 @@ MIXER = r"MicroDiT\.patch_mixer(\.\d+|_map_\w+)"  # the patch-mixer's modules: i
 
 
 def flops_per_image(cfg, mask_ratio=0.0, train=True, caption_len=77, part=None):
-    """FLOPs of one image through the network (forward, or forward + backward when train); part: only those
-    of the modules whose names match this regex (MIXER: the patch-mixer's)."""
+    """FLOPs of one image, forward (+ backward when train); part: only modules matching this regex (MIXER)."""
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     with torch.device("meta"):
         net = build_model(cfg)

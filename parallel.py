@@ -35,7 +35,9 @@ def setup_distributed(device="auto"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if ddp:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank, world = 0, 1  # plain python: one process
+    if ddp:
+        rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -44,16 +46,21 @@ def setup_distributed(device="auto"):
 
 def default_threads():
     """The CPU threads one process should use: the cores it may run on, shared by this machine's ranks."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on (taskset, cgroups)
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def check_device(device):
     """A one-line error for a device this machine does not have."""
-    try:
-        kind = torch.device(device).type if device != "auto" else "auto"
-    except RuntimeError:
-        kind = "unknown"
+    kind = "auto"
+    if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            kind = "unknown"
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={device}: no CUDA device here (torch {torch.__version__}, "
                          f"cuda available: False); use --device=cpu or auto")
@@ -70,8 +77,12 @@ class StopSignals:
     and the run exits 0. A second Ctrl-C stops at once, without a checkpoint (KeyboardInterrupt)."""
 
     def __init__(self, master, next_step):
-        self.master, self.next_step, self.requested = master, next_step, False
-        self.handlers = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.master = master  # only the master process prints
+        self.next_step = next_step  # () -> the step being finished, for the message
+        self.requested = False  # a stop was asked for
+        self.handlers = {}  # the handlers replaced, to restore
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.handlers[sig] = signal.signal(sig, self.on_signal)
 
     def on_signal(self, sig, frame):
         if self.requested and sig == signal.SIGINT:
@@ -96,11 +107,17 @@ def ignore_stop_signals(worker_id):
 
 def measure_peak_flops(device, dtype, n=2048, seconds=1.0):
     """Achieved FLOP/s of a large square matmul: the denominator of MFU on this machine."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync():  # CUDA runs the matmuls asynchronously: wait for them before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     a @ b  # warm-up
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    t0, k = time.perf_counter(), 0
+    t0 = time.perf_counter()
+    k = 0  # matmuls done
     while time.perf_counter() - t0 < seconds:
         a @ b
         k += 1
@@ -127,7 +144,8 @@ def busy_warning(device, dtype, measured, threads):
     if device.type != "cpu":
         return None
     key = f"{torch.__version__}/{dtype}/{threads} threads"
-    path, best = CACHE / "peak_flops.json", {}
+    path = CACHE / "peak_flops.json"
+    best = {}  # {key: the best FLOP/s seen}
     try:
         best = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -146,8 +164,12 @@ def busy_warning(device, dtype, measured, threads):
     slow = measured and idle and measured < 0.5 * idle
     if not (busy or slow):
         return None
-    what = (f"matmuls run at {measured / 1e9:.0f} GFLOP/s, {idle / 1e9:.0f} when this machine was idle"
-            if slow else f"{busy} other busy process{'es' if busy > 1 else ''}")
+    if slow:
+        what = f"matmuls run at {measured / 1e9:.0f} GFLOP/s, {idle / 1e9:.0f} when this machine was idle"
+    elif busy == 1:
+        what = "1 other busy process"
+    else:
+        what = f"{busy} other busy processes"
     return (f"warning: this CPU is shared ({what}); each process takes {threads} threads and the threads of "
             f"jobs side by side fight for the cores: give each job --threads=N so the jobs' N add up to "
             f"{os.cpu_count()} or less (README: two jobs side by side)")
@@ -189,7 +211,9 @@ def grad_sync(model, ddp, fsdp, sync):
     """The context of a micro-batch's backward: gradients are reduced over the ranks on the last one only."""
     if fsdp:
         model.set_requires_gradient_sync(sync)
-    return model.no_sync() if ddp and not fsdp and not sync else contextlib.nullcontext()
+    if ddp and not fsdp and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def full_weights(module, plain, fsdp, device):
@@ -198,8 +222,8 @@ def full_weights(module, plain, fsdp, device):
     gathering the shards is a collective."""
     if not fsdp or module is None:
         return module
-    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
-                                                               cpu_offload=device.type == "cuda"))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=device.type == "cuda")
+    sd = get_model_state_dict(module, options=options)
     if plain is not None:
         plain.load_state_dict(sd)
     return plain
@@ -210,8 +234,8 @@ def full_optimizer_state(net, opt, fsdp, device):
     FSDP (a collective: every rank calls it; the full tensors are on rank 0)."""
     if not fsdp:
         return opt.state_dict()["state"]
-    sd = get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=device.type == "cuda"))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=device.type == "cuda")
+    sd = get_optimizer_state_dict(net, opt, options=options)
     index = {name: i for i, (name, _) in enumerate(net.named_parameters())}
     return {index[name]: state for name, state in sd["state"].items()}
 
@@ -224,5 +248,5 @@ def load_optimizer_state(net, opt, per_param, fsdp):
     names = [name for name, _ in net.named_parameters()]
     full = StateDictOptions(full_state_dict=True)
     groups = get_optimizer_state_dict(net, opt, options=full)["param_groups"]
-    set_optimizer_state_dict(net, opt, {"state": {names[i]: s for i, s in per_param.items()},
-                                        "param_groups": groups}, options=full)
+    state = {names[i]: s for i, s in per_param.items()}  # FSDP's optimizer state is keyed by parameter name
+    set_optimizer_state_dict(net, opt, {"state": state, "param_groups": groups}, options=full)

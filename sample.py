@@ -61,7 +61,7 @@ def edm_sampler(D, y, seeds, steps=30, guidance=5.0, sigma_min=0.002, sigma_max=
         cond, uncond = D_x.double().chunk(2)
         return uncond + guidance * (cond - uncond)
 
-    x = noise * t[0]  # the ODE state stays in float64 (SPEC A3)
+    x = noise * t[0]  # the ODE state stays in float64, as in EDM's generate.py
     for k in range(steps):  # Algorithm 2 with S_churn = 0: Euler step, then Heun's correction
         d = (x - denoise(x, t[k])) / t[k]
         x_next = x + (t[k + 1] - t[k]) * d
@@ -86,7 +86,8 @@ def image_grid(images, cols=None):
 def sample_batch(D, config, encoders, prompts, seeds, steps, guidance, bf16=False):
     """uint8 (H, W, 3) images of one batch, caption prompts[j] with seed seeds[j]: the per-batch code of
     generate() and of the folder writer. bf16: autocast of the network only (the ODE state stays float64)."""
-    (encode, vae), device = encoders, next(D.parameters()).device
+    encode, vae = encoders
+    device = next(D.parameters()).device
     y = encode(prompts).to(device)  # (B, L, Dy)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         x = edm_sampler(D, y, seeds, steps, guidance)
@@ -103,9 +104,9 @@ def generate(D, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, 
     encoders = encoders or load_encoders(config, next(D.parameters()).device)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
-        seeds = range(seed + start, seed + min(start + batch_size, len(prompts)))
-        images += sample_batch(D, config, encoders, prompts[start:seeds.stop - seed], seeds, steps, guidance,
-                               bf16)
+        end = min(start + batch_size, len(prompts))
+        seeds = range(seed + start, seed + end)
+        images += sample_batch(D, config, encoders, prompts[start:end], seeds, steps, guidance, bf16)
     return images
 
 # -----------------------------------------------------------------------------
@@ -114,7 +115,9 @@ def generate(D, config, prompts, seed=0, steps=30, guidance=5.0, batch_size=32, 
 
 def numbered(out):
     """{index: file name} of the images in folder `out`."""
-    return {int(f[:-4]): f for f in (os.listdir(out) if os.path.isdir(out) else []) if NUMBERED.fullmatch(f)}
+    if not os.path.isdir(out):
+        return {}
+    return {int(f[:-4]): f for f in os.listdir(out) if NUMBERED.fullmatch(f)}
 
 
 def read_lines(path):
@@ -126,29 +129,46 @@ def read_lines(path):
 
 def job_difference(out, job, prompts, have):
     """What makes the files in `out` another job than this one; '' for the same job or none."""
-    lines, manifest = read_lines(f"{out}/prompts.txt"), f"{out}/sample.json"
+    lines = read_lines(f"{out}/prompts.txt")
+    manifest = f"{out}/sample.json"
     if not os.path.exists(manifest):  # prompts.txt alone: a crash between the two writes of this job
-        found = [f"{len(have)} numbered PNGs"] * bool(have) + ["prompts.txt"] * (lines not in (None, prompts))
-        return " and ".join(found) + " but no sample.json" if found else ""
+        found = []
+        if have:
+            found.append(f"{len(have)} numbered PNGs")
+        if lines is not None and lines != prompts:
+            found.append("prompts.txt")
+        if not found:
+            return ""
+        return " and ".join(found) + " but no sample.json"
     try:
         old = read_json(manifest)
         diff = [f"{k} {old.get(k)!r} vs {v!r}" for k, v in job.items() if k != "command" and old.get(k) != v]
     except (ValueError, AttributeError):
         return f"{manifest} is not a job of sample.py"
     if not diff and lines != prompts:
-        k = next((k for k, (a, b) in enumerate(zip(lines or [], prompts)) if a != b), len(lines or []))
-        diff = [f"prompts.txt line {k + 1}: {(lines or [])[k:k + 1]} vs {prompts[k:k + 1]}"]
-    if not diff and (beyond := sorted(i for i in have if i >= job["count"])):
+        lines = lines or []
+        k = len(lines)  # the first line that differs; a shorter prompts.txt differs just past its end
+        for j, (a, b) in enumerate(zip(lines, prompts)):
+            if a != b:
+                k = j
+                break
+        diff = [f"prompts.txt line {k + 1}: {lines[k:k + 1]} vs {prompts[k:k + 1]}"]
+    beyond = sorted(i for i in have if i >= job["count"])
+    if not diff and beyond:
         diff = [f"{len(beyond)} images beyond its count, e.g. {have[beyond[0]]}"]
-    return "; ".join(diff) + " (the folder's vs this run's)" * bool(diff)
+    if not diff:
+        return ""
+    return "; ".join(diff) + " (the folder's vs this run's)"
 
 
 def prepare_folder(out, job, prompts, overwrite=False):
     """Make `out` the folder of this job: check the job in it (or with overwrite delete another job's files),
     write prompts.txt and sample.json; returns the indices of the images still to sample."""
     os.makedirs(out, exist_ok=True)
-    have, grid = numbered(out), f"{out}_grid.png"
-    if differs := job_difference(out, job, prompts, have):
+    have = numbered(out)
+    grid = f"{out}_grid.png"
+    differs = job_difference(out, job, prompts, have)
+    if differs:
         if not overwrite:
             raise ValueError(f"{out}/ holds another job: {differs}; pass --overwrite to delete its "
                              f"{len(have)} images, sample.json, prompts.txt and {grid}; or another --out")
@@ -169,21 +189,34 @@ def sample_to_folder(D, config, encoders, prompts, todo, args, world, stop, bar)
     float rounding, depends neither on the number of ranks nor on interruptions. The ranks take turns over the
     batches and all-reduce once per batch (images written, signals seen), so they stop together; returns
     (images written by all ranks, the signal that stopped them or 0)."""
-    (rank, size), bs, missing, last, total = world, args.batch_size, set(todo), 0, 0
+    rank, size = world
+    bs = args.batch_size
+    device = next(D.parameters()).device
+    missing = set(todo)
+    last = 0  # images this rank wrote in the previous round
+    total = 0  # images all ranks wrote so far
     starts = sorted({i - i % bs for i in todo})  # the batches with images to write
-    rounds, starts = math.ceil(len(starts) / size), starts[rank::size]  # the same number on every rank
+    rounds = math.ceil(len(starts) / size)  # the same number on every rank, even one with no batch left
+    starts = starts[rank::size]
     for r in range(rounds + 1):
-        seen, device = stop.get("signal"), next(D.parameters()).device
+        seen = stop.get("signal")
         counts = torch.tensor([last, seen == signal.SIGTERM, seen == signal.SIGINT], device=device)
         if size > 1:
             torch.distributed.all_reduce(counts)
         total += int(counts[0])
         bar.update(int(counts[0]))
-        if counts[1] or counts[2] or r == rounds:
-            return total, signal.SIGINT if counts[2] else signal.SIGTERM if counts[1] else 0
-        ids = range(starts[r], min(starts[r] + bs, len(prompts))) if r < len(starts) else range(0)
+        if counts[2]:  # Ctrl-C on any rank wins over SIGTERM
+            return total, signal.SIGINT
+        if counts[1]:
+            return total, signal.SIGTERM
+        if r == rounds:
+            return total, 0
+        if r >= len(starts):  # this rank has no batch this round, but takes part in the all-reduce
+            last = 0
+            continue
+        ids = range(starts[r], min(starts[r] + bs, len(prompts)))
         images = sample_batch(D, config, encoders, [prompts[i] for i in ids], [args.seed + i for i in ids],
-                              args.steps, args.guidance, args.bf16) if ids else []
+                              args.steps, args.guidance, args.bf16)
         new = [(i, image) for i, image in zip(ids, images) if i in missing]
         for i, image in new:
             with atomic_write(f"{args.out}/{i:06d}.png") as tmp:  # a crash never leaves half a PNG
@@ -240,7 +273,8 @@ def parse_args(argv):
 
 def read_prompts(args):
     """The captions of --prompt then --prompts-file; each must be one non-empty line."""
-    prompts, path = [(p, f"--prompt number {k + 1}") for k, p in enumerate(args.prompt)], args.prompts_file
+    prompts = [(p, f"--prompt number {k + 1}") for k, p in enumerate(args.prompt)]
+    path = args.prompts_file
     if path:
         try:
             lines = read_lines(path)
@@ -250,14 +284,19 @@ def read_prompts(args):
         if lines is None:
             fail(f"--prompts-file {path}: no such file")
     for p, where in prompts:
-        if not p.strip() or len(p.splitlines()) > 1:  # prompts.txt holds one caption per line
-            fail(f"{where} is empty" if not p.strip() else f"{where} holds a line break")
+        if not p.strip():
+            fail(f"{where} is empty")
+        if len(p.splitlines()) > 1:  # prompts.txt holds one caption per line
+            fail(f"{where} holds a line break")
     return [p for p, _ in prompts]
 
 
 def main(argv=None):
     """Sample the job of the command line into --out; returns the exit code (0, or 128 + a signal)."""
-    script, argv = (sys.argv[0], sys.argv[1:]) if argv is None else ("sample.py", list(argv))
+    if argv is None:
+        script, argv = sys.argv[0], sys.argv[1:]
+    else:  # called from Python: the command recorded in sample.json names the script
+        script, argv = "sample.py", list(argv)
     args = parse_args(argv)
     prompts = read_prompts(args)
     try:
@@ -268,7 +307,8 @@ def main(argv=None):
         fail(f"--ckpt {args.ckpt} is a weights file: pass its checkpoint folder "
              f"{os.path.dirname(args.ckpt) or '.'} (the one with config.json)")
     _, rank, size, device = setup_distributed(args.device)
-    stop, handlers = {}, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = {}  # {"signal": the first signal received}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum, frame):  # stop after the current batch: what is on disk is whole, a rerun resumes
         stop.setdefault("signal", signum)
@@ -293,9 +333,12 @@ def run_job(args, ckpt, prompts, world, device, stop, command):
         if repo:  # e.g. a local copy of the encoders on a machine without network
             config[key] = {**config[key], "repo": os.path.abspath(repo) if os.path.isdir(repo) else repo}
     if not prompts:  # default: the held-out captions the checkpoint was evaluated on
-        prompts = config.get("eval_prompts", [])[:16] or fail("give --prompt or --prompts-file")
+        prompts = config.get("eval_prompts", [])[:16]
+    if not prompts:
+        fail("give --prompt or --prompts-file")
     prompts = [p for p in prompts for _ in range(args.n)]
-    args.bf16 = device.type == "cuda" if args.bf16 == "auto" else args.bf16
+    if args.bf16 == "auto":
+        args.bf16 = device.type == "cuda"
     job = {"ckpt": os.path.abspath(ckpt), "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
            "n": args.n, "ema": not args.no_ema and os.path.isfile(os.path.join(ckpt, "ema.safetensors")),
            "bf16": args.bf16, "count": len(prompts), "command": command}
@@ -322,17 +365,20 @@ def run_job(args, ckpt, prompts, world, device, stop, command):
 
 def report(out, ckpt, count, written, signum):
     """The final line, and the grid beside the folder of a complete job of at most 256 images."""
-    have, grid = numbered(out), f"{out}_grid.png"
+    have = numbered(out)
+    grid = f"{out}_grid.png"
     if signum:
-        return print(f"stopped by {signal.Signals(signum).name}: {len(have)} of {count} images on disk in "
-                     f"{out}/ ({written} written this run); the same command resumes", file=sys.stderr)
-    if small := len(have) == count <= 256:  # inside the folder, fid.py would count the grid as a sample
+        print(f"stopped by {signal.Signals(signum).name}: {len(have)} of {count} images on disk in "
+              f"{out}/ ({written} written this run); the same command resumes", file=sys.stderr)
+        return
+    line = (f"{count} images from {ckpt} -> {out}/ (000000.png ... {count - 1:06d}.png, prompts.txt, "
+            f"sample.json; {written} written this run, {count - written} were on disk)")
+    if len(have) == count <= 256:  # beside the folder: inside it, fid.py would count the grid as a sample
         images = [np.asarray(Image.open(f"{out}/{have[i]}").convert("RGB")) for i in range(min(64, count))]
         with atomic_write(grid) as tmp:
             image_grid(images).save(tmp, format="PNG")
-    print(f"{count} images from {ckpt} -> {out}/ (000000.png ... {count - 1:06d}.png, prompts.txt, "
-          f"sample.json; {written} written this run, {count - written} were on disk)"
-          + f"; grid beside it: {grid}" * small)
+        line += f"; grid beside it: {grid}"
+    print(line)
 
 
 if __name__ == "__main__":

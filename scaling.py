@@ -2,12 +2,14 @@
 What a training run costs and what it will reach.
 
 Cost: training FLOPs from model.py's per-image counter x images seen, for any config and for the
-whole four-stage MicroDiT recipe (SPEC A4), turned into GPU-hours and dollars; and the MFU that the
-paper's own figures imply ($1,890, 2.6 days on 8 H100s, "Stretching Each Dollar", Sehwag et al. 2024).
+whole four-stage MicroDiT recipe (the MicroDiT paper's training-recipe table, arXiv 2407.15811), turned
+into GPU-hours and dollars (report.py); and the MFU that the paper's own figures imply ($1,890, 2.6 days
+on 8 H100s, "Stretching Each Dollar", Sehwag et al. 2024).
 Fits: power laws S = a X^b on the Pareto frontier ("On the Scalability of Diffusion-based
-Text-to-Image Generation", Li et al. 2024), the Chinchilla form L(N, D) = E + A/N^alpha + B/D^beta
-fitted as in Hoffmann et al. 2022 (approach 3) and Besiroglu et al. 2024 (SPEC C), bootstrap
-intervals, and the compute-optimal split of a budget that the fitted form implies.
+Text-to-Image Generation", Li et al. 2024, arXiv 2404.02883: "Paper B" below), the Chinchilla form
+L(N, D) = E + A/N^alpha + B/D^beta fitted as in Hoffmann et al. 2022 (approach 3) and Besiroglu et al.
+2024 (the Chinchilla replication), bootstrap intervals, and the compute-optimal split of a budget that
+the fitted form implies.
 The runs that these fits and tables read are made by experiments.py (the sweep and the ablations).
 
     python scaling.py cost [--preset MicroDiT_XL_2] [--gpu-peak 989.4] [--mfu 0.4] [--price 3.75]
@@ -17,7 +19,6 @@ The runs that these fits and tables read are made by experiments.py (the sweep a
 """
 import argparse
 import itertools
-import json
 import os
 from dataclasses import replace
 
@@ -26,23 +27,21 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import memory
-from checkpoint import atomic_write
 from encoders import CLIP, AutoencoderKL, CLIPTextTransformer
 from fid import InceptionV3
 from model import (PRESETS, UNET_PRESETS, IFAttention, SpatialTransformer, UNet, flops_per_image, get_config,
                    param_count)
+from report import (DEFAULT_MFU, H100_BF16_PEAK, PRICE_PER_GPU_HOUR, dollars, gpu_hours, pyplot, read_jsonl,
+                    save_figure)
 
 # -----------------------------------------------------------------------------
 # compute and cost
 
-# NVIDIA's H100 SXM datasheet gives BF16 Tensor Core 1,979 TFLOPS "with sparsity" (2:4); dense is half of that
-H100_BF16_PEAK = 989.4e12  # FLOP/s, bf16 dense
-PRICE_PER_GPU_HOUR = 3.75  # dollars per H100-hour, as the paper prices its run (SPEC A1)
-DEFAULT_MFU = 0.4          # assumed for pricing; the paper's own run implies less: `python scaling.py cost`
+# the GPU's peak, its price and the MFU assumed are report.py's (train.py prices every run with them)
 PAPER_DAYS, PAPER_GPUS, PAPER_DOLLARS = 2.6, 8, 1890  # the paper's run: 2.6 days on an 8xH100 machine, $1,890
 
-BATCH = 2048  # images per step, all four stages (SPEC A4)
-RECIPE = [    # (stage, resolution in pixels, mask ratio, steps): SPEC A4
+BATCH = 2048  # images per step, all four stages (the MicroDiT paper's training-recipe table)
+RECIPE = [    # (stage, resolution in pixels, mask ratio, steps): that table; micro_diffusion/configs/*.yaml
     (1, 256, 0.75, 250_000),
     (2, 256, 0.0, 30_000),
     (3, 512, 0.75, 50_000),
@@ -64,15 +63,6 @@ def recipe_stages(preset="MicroDiT_XL_2", batch=BATCH, recipe=RECIPE):
         stages.append(dict(stage=stage, res=res, mask_ratio=mask_ratio, steps=steps, images=steps * batch,
                            flops_per_image=f, flops=f * steps * batch))
     return stages
-
-
-def gpu_hours(flops, gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU):
-    """GPU-hours to do `flops` at a fraction `mfu` of the GPU's peak FLOP/s."""
-    return flops / (gpu_peak * mfu) / 3600
-
-
-def dollars(hours, price=PRICE_PER_GPU_HOUR):
-    return hours * price
 
 
 def implied_mfu(flops, days=PAPER_DAYS, gpus=PAPER_GPUS, gpu_peak=H100_BF16_PEAK):
@@ -267,7 +257,8 @@ def fit_frontier_power_law(x, y, maximize=True):
 
 
 # -----------------------------------------------------------------------------
-# L(N, D) = E + A / N^alpha + B / D^beta, fitted as Chinchilla approach 3 (SPEC C)
+# L(N, D) = E + A / N^alpha + B / D^beta, fitted as Chinchilla approach 3 (Hoffmann et al. 2022, Sec. 3.3;
+# Besiroglu et al. 2024)
 
 CHINCHILLA_GRID = list(itertools.product(  # initialisations (a, b, e, alpha, beta), 6*6*5*5*5 = 4,500
     np.arange(0, 30, 5.0), np.arange(0, 30, 5.0), np.arange(-1, 1.01, 0.5),
@@ -301,8 +292,8 @@ def chinchilla_objective(theta, log_N, log_D, log_L, delta=HUBER_DELTA):
 
 
 def fit_chinchilla(N, D, L, inits=None, delta=HUBER_DELTA):
-    """{'E', 'A', 'B', 'alpha', 'beta'}: L-BFGS from every initialisation (SPEC C's grid),
-    best one polished."""
+    """{'E', 'A', 'B', 'alpha', 'beta'}: L-BFGS from every initialisation (Hoffmann et al.'s grid, as
+    Besiroglu et al. 2024 rerun it), best one polished."""
     from scipy.optimize import minimize  # here, not at import: see the note on OPENBLAS_NUM_THREADS below
     N, D, L = (np.asarray(v, float) for v in (N, D, L))
     if not (N.shape == D.shape == L.shape and N.ndim == 1):
@@ -377,20 +368,7 @@ def bootstrap_chinchilla(N, D, L, fit, n_boot=200, seed=0, level=0.95):
 
 
 # -----------------------------------------------------------------------------
-# Results as JSON lines: a sweep's and the ablations' rows (experiments.py), a run's log.jsonl (train.py)
-
-
-def read_jsonl(path):
-    """The records of a JSONL file, with a one-line error naming the line that is not JSON."""
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
-    return rows
+# Results as JSON lines (read by report.py's read_jsonl): a sweep's and the ablations' rows (experiments.py)
 
 
 def load_rows(path, keys, min_rows=0):
@@ -461,45 +439,6 @@ def print_fits(fits, n_runs):
     print(f"compute-optimal split, C = k N D with k = {o['k']:.3g} FLOPs per parameter per image:")
     for C, n, d, l in zip(o["budgets"], o["N_opt"], o["D_opt"], o["loss"]):
         print(f"  C = {C:.3g}: N = {n:.3g} params, D = {d:.3g} images, predicted loss {l:.4f}")
-
-
-def pyplot():
-    """matplotlib's pyplot, drawing to files (Agg): loaded only when a plot is made, as it takes a second."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    fig.tight_layout()
-    with atomic_write(path) as tmp:  # a reader never sees half a PNG
-        fig.savefig(tmp, dpi=110, format="png")
-    pyplot().close(fig)
-
-
-def plot_run(log_path, path):
-    """A training run's curves from its log.jsonl: the training loss by step and, when the run has them,
-    its evaluations (validation loss; the accuracy of its samples per attribute)."""
-    plt, rows = pyplot(), read_jsonl(log_path)
-    train = np.array([(r["step"], r["loss"]) for r in rows if np.isfinite(r.get("loss", np.nan))])
-    train = train.reshape(-1, 2)  # (steps logged, 2)
-    evals = [r for r in rows if "val_loss" in r or "acc_mean" in r]
-    accs = [k for k in ("acc_shape", "acc_colour", "acc_position", "acc_mean") if any(k in r for r in evals)]
-    fig, axes = plt.subplots(1, 2 if accs else 1, figsize=(10 if accs else 5, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    ax.plot(train[:, 0], train[:, 1], label="training loss (mean since the last line)")
-    if val := [(r["step"], r["val_loss"]) for r in evals if "val_loss" in r]:
-        ax.plot(*zip(*val), "o-", label="validation loss (mask 0)")
-    ax.set(yscale="log", xlabel="step", ylabel="EDM loss", title="loss")
-    ax.legend(fontsize=7)
-    for k in accs:
-        points = [(r["step"], r[k]) for r in evals if k in r]
-        axes[0, 1].plot(*zip(*points), "o-", label=k.removeprefix("acc_"))
-    if accs:
-        axes[0, 1].set(xlabel="step", ylabel="accuracy on held-out captions", ylim=(0, 1.02), title="samples")
-        axes[0, 1].legend(fontsize=7)
-    save_figure(fig, path)
 
 
 def plot_fits(rows, fits, path):

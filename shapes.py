@@ -66,21 +66,25 @@ def parse_caption(text):
 
 def _box(o):
     """Bounding box (x0, y0, x1, y1) of an object, in fractions of the image side."""
-    (x, y), h = POSITIONS[o.position], SIZES[o.size] / 2
+    x, y = POSITIONS[o.position]  # the centre
+    h = SIZES[o.size] / 2
     return x - h, y - h, x + h, y + h
 
 
 def _compatible(a, b):
     """Two objects may share an image: different colours, boxes apart by GAP along x or y
     (so other positions)."""
-    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = _box(a), _box(b)
+    ax0, ay0, ax1, ay1 = _box(a)
+    bx0, by0, bx1, by1 = _box(b)
     apart = max(bx0 - ax1, ax0 - bx1) >= GAP or max(by0 - ay1, ay0 - by1) >= GAP
     return a.colour != b.colour and apart
 
 
 def sample_scene(rng):
     """One random scene (one or two objects, equally likely) from a numpy Generator."""
-    pick = lambda names: names[rng.integers(len(names))]
+    def pick(names):
+        return names[rng.integers(len(names))]
+
     n = 1 + int(rng.random() < 0.5)
     while True:
         scene = tuple(Obj(pick(SHAPES), pick(list(COLOURS)), pick(list(POSITIONS)), pick(list(SIZES)))
@@ -97,15 +101,17 @@ def is_heldout(scene):
 def train_scene(seed, i):
     """Scene i of the training set: a pure function of (seed, i) that never returns a held-out scene."""
     rng = np.random.default_rng([seed, i])
-    while is_heldout(scene := sample_scene(rng)):
-        pass
-    return scene
+    while True:  # draw again until the scene is not a held-out one
+        scene = sample_scene(rng)
+        if not is_heldout(scene):
+            return scene
 
 
 def distinct_scenes(seed, n):
     """The first n distinct training scenes of `seed`, in train_scene's order (repeats skipped): a smaller
     world than the full stream, for the diversity-versus-size ablation."""
-    pool, i = {}, 0
+    pool = {}  # a dict as an ordered set of scenes
+    i = 0
     while len(pool) < n:
         pool.setdefault(train_scene(seed, i), None)
         i += 1
@@ -118,9 +124,17 @@ def partial_caption(scene, rng):
     """A caption naming a random part of each object's attributes: size, colour, shape and position are each
     named with probability 1/2 (an unnamed shape reads 'shape'), e.g. 'a red shape at the top'."""
     def words(o):
-        size, colour, shape, where = (rng.random(4) < 0.5).tolist()
-        return " ".join(["a"] + [o.size] * size + [o.colour] * colour + [o.shape if shape else "shape"]
-                        + [PHRASES[o.position]] * where)
+        size, colour, shape, where = (rng.random(4) < 0.5).tolist()  # which attributes are named
+        out = ["a"]
+        if size:
+            out.append(o.size)
+        if colour:
+            out.append(o.colour)
+        out.append(o.shape if shape else "shape")
+        if where:
+            out.append(PHRASES[o.position])
+        return " ".join(out)
+
     return " and ".join(words(o) for o in scene)
 
 
@@ -130,8 +144,13 @@ def heldout_captions(n=512, seed=0):
     objs = [Obj(*o) for o in itertools.product(SHAPES, COLOURS, POSITIONS, SIZES)]
     scenes = [s for s in itertools.combinations(objs, 2) if _compatible(*s) and is_heldout(s)]  # 526 of 4320
     rng = np.random.default_rng([seed, 2**32 - 1])  # a stream no training index (seed, i) uses
-    order = np.concatenate([rng.permutation(len(scenes)) for _ in range(max(1, -(-n // len(scenes))))])[:n]
-    return [caption(scenes[i][:: rng.choice([1, -1])]) for i in order]  # objects in either order
+    repeats = max(1, -(-n // len(scenes)))  # ceil(n / len(scenes)) shuffled passes over the scenes
+    order = np.concatenate([rng.permutation(len(scenes)) for _ in range(repeats)])[:n]
+    captions = []
+    for i in order:
+        step = rng.choice([1, -1])  # the two objects in either order
+        captions.append(caption(scenes[i][::step]))
+    return captions
 
 
 def render(scene, res=32):
@@ -172,7 +191,8 @@ def find_blobs(image):
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"find_blobs: expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-    x, res = image.astype(np.float32) / 255, image.shape[0]  # (H, W, 3)
+    x = image.astype(np.float32) / 255  # (H, W, 3)
+    res = image.shape[0]
     proj = x @ _PAL_UNIT.T  # (H, W, K) length along each palette direction
     k = proj.argmax(-1)
     cos = proj.max(-1) / (np.linalg.norm(x, axis=-1) + 1e-6)
@@ -189,11 +209,15 @@ def find_blobs(image):
             if not min_px <= len(ys) <= max_px:
                 continue
             w = alpha[sl][ys, xs]  # (P,) coverage of the blob's pixels
-            area, cy, cx = w.sum(), (ys * w).sum() / w.sum(), (xs * w).sum() / w.sum()
+            area = w.sum()
+            cy = (ys * w).sum() / w.sum()  # the coverage-weighted centroid
+            cx = (xs * w).sum() / w.sum()
             u = np.stack([xs - cx, ys - cy])  # (2, P) offsets from the centroid
             # (4, P) along x, y, diagonals
             u = np.concatenate([u, np.stack([u[0] + u[1], u[0] - u[1]]) / 2**0.5])
-            m2, m3, m4 = ((w * u**p).sum(1) / area for p in (2, 3, 4))
+            m2 = (w * u**2).sum(1) / area  # (4,) central moments along the four directions
+            m3 = (w * u**3).sum(1) / area
+            m4 = (w * u**4).sum(1) / area
             var = m2[:2].mean()
             if m2[:2].min() < 0.1 or area / var < 6:  # a solid shape has area/variance 10-13, noise far less
                 continue
@@ -202,17 +226,25 @@ def find_blobs(image):
             # var^2; a circle's is the same in every direction. Blur adds no third or fourth cumulant, so
             # both tests survive it, only shrinking as blur adds to the variance.
             k4 = m4 - 3 * m2**2
-            skew, corners = m3[1] / m2[1] ** 1.5, (k4[:2].sum() - k4[2:].sum()) / 2 / var**2
-            shape = "triangle" if skew < -0.15 else "square" if corners < -0.25 else "circle"
-            where = (cx + sl[1].start + 0.5) / res, (cy + sl[0].start + 0.5) / res
-            blobs.append(Blob(name, list(POSITIONS)[np.argmin(((_ANCHORS - where) ** 2).sum(1))], shape,
-                              float(area)))
+            skew = m3[1] / m2[1] ** 1.5
+            corners = (k4[:2].sum() - k4[2:].sum()) / 2 / var**2
+            if skew < -0.15:
+                shape = "triangle"
+            elif corners < -0.25:
+                shape = "square"
+            else:
+                shape = "circle"
+            where = (cx + sl[1].start + 0.5) / res, (cy + sl[0].start + 0.5) / res  # (x, y), fractions
+            position = list(POSITIONS)[np.argmin(((_ANCHORS - where) ** 2).sum(1))]  # the nearest anchor
+            blobs.append(Blob(name, position, shape, float(area)))
     return blobs
 
 
 def _agree(o, b):
     """How many of shape, colour and position a blob (or None) shares with a caption object."""
-    return 0 if b is None else (o.shape == b.shape) + (o.colour == b.colour) + (o.position == b.position)
+    if b is None:
+        return 0
+    return (o.shape == b.shape) + (o.colour == b.colour) + (o.position == b.position)
 
 
 def score(images, captions):
@@ -223,14 +255,18 @@ def score(images, captions):
     hits = {"shape": [], "colour": [], "position": [], "count": []}
     for img, text in zip(images, captions):
         scene = parse_caption(text)
-        blobs = find_blobs(img.convert("RGB") if isinstance(img, Image.Image) else img)
+        if isinstance(img, Image.Image):
+            img = img.convert("RGB")
+        blobs = find_blobs(img)
         hits["count"].append(len(blobs) == len(scene))
         # Give each caption object its own blob (or none), agreeing on as many attributes as possible, then
         # the largest blobs; so a wrong colour costs the colour only, and a swap of colours between two
         # objects (wrong binding) shows up as wrong colours.
         blobs = sorted(blobs, key=lambda b: -b.area)[:8]
-        key = lambda bs: (sum(_agree(o, b) for o, b in zip(scene, bs)),
-                          sum(b.area for b in bs if b is not None))
+
+        def key(bs):  # (attributes agreed on, area matched) of one assignment of blobs to the objects
+            return (sum(_agree(o, b) for o, b in zip(scene, bs)), sum(b.area for b in bs if b is not None))
+
         matched = max(itertools.permutations(blobs + [None] * len(scene), len(scene)), key=key)
         for o, b in zip(scene, matched):
             for attr in ("shape", "colour", "position"):
@@ -257,10 +293,15 @@ class BuiltinTextEncoder:
             raise ValueError(f"BuiltinTextEncoder: dim must be even and >= 2, got {dim}")
         if not 0 <= context < 1:
             raise ValueError(f"BuiltinTextEncoder: context must be in [0, 1), got {context}")
-        self.dim, self.max_len, self.context = dim, max_len, context
-        self.name = f"builtin-crc32-{dim}" + (f"-ctx{context:g}" if context else "")
+        self.dim = dim
+        self.max_len = max_len
+        self.context = context
+        self.name = f"builtin-crc32-{dim}"
+        if context:
+            self.name += f"-ctx{context:g}"
         self.spec = {"type": "builtin", "dim": dim, "max_len": max_len, "context": context}
-        pos, freq = torch.arange(max_len)[:, None], 10000 ** (-torch.arange(0, dim, 2) / dim)
+        pos = torch.arange(max_len)[:, None]  # (L, 1)
+        freq = 10000 ** (-torch.arange(0, dim, 2) / dim)  # (D/2,)
         self.pos = torch.stack([torch.sin(pos * freq), torch.cos(pos * freq)], -1).reshape(max_len, dim)
         self._vectors = {}  # word -> (D,) float32 numpy array
         # '<' and ':' cannot occur in a word token, so no word shares these
@@ -278,7 +319,9 @@ class BuiltinTextEncoder:
             raise TypeError("text encoder: pass a list of captions, not one string")
         out = np.tile(self.pad.numpy(), (len(captions), self.max_len, 1))  # (B, L, D), in numpy: fast per row
         for b, text in enumerate(captions):
-            words = re.findall(r"[a-z0-9]+", text.lower())[: self.max_len] if isinstance(text, str) else []
+            words = []
+            if isinstance(text, str):
+                words = re.findall(r"[a-z0-9]+", text.lower())[: self.max_len]
             if not words:
                 raise ValueError(f"text encoder: caption {b} has no words: {text!r}")
             row = np.stack([self._vector(w) for w in words]) + self.pos.numpy()[: len(words)]  # (n, D)

@@ -1,4 +1,5 @@
-# MicroDiT_XL_2, stage 1 of 4 (SPEC A4): 256px, 75% of the patches masked after the patch-mixer, 250K steps.
+# MicroDiT_XL_2, stage 1 of 4 of the MicroDiT paper's training recipe (arXiv 2407.15811; the released
+# micro_diffusion/configs/res_256_pretrain.yaml): 256px, 75% of the patches masked after the patch-mixer, 250K steps.
 #   python data.py prepare --input <image-caption pairs> --out data_cache/latents   # -> latents/256 and /512
 #   torchrun --standalone --nproc_per_node=8 train.py configs/stage1_256_masked.py
 # After a preemption, the same command resumes the newest complete checkpoint (resume = "auto").
@@ -11,7 +12,8 @@ num_workers = 2                           # per rank (and lane), as in the relea
 data_lanes = 8                            # 8 shard streams fill each global batch: the data order is the same on
                                           # 1, 2, 4 or 8 GPUs, so a run can resume on a smaller machine (16 for 2 nodes)
 
-# EDM at 256px (SPEC A3): ln(sigma) ~ N(-0.6, 1.2^2), sigma_data 0.9; 10% of captions dropped for guidance
+# EDM at 256px (Karras et al. 2022, Table 1; the values are res_256_pretrain.yaml's): ln(sigma) ~ N(-0.6, 1.2^2),
+# sigma_data 0.9; 10% of captions dropped for guidance
 P_mean, P_std, sigma_data = -0.6, 1.2, 0.9
 mask_ratio = 0.75
 unmasked_steps = 0                        # the recipe trains unmasked in a stage of its own

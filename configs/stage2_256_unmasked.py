@@ -1,4 +1,5 @@
-# MicroDiT_XL_2, stage 2 of 4 (SPEC A4): 256px without masking, steps 250K -> 280K, continuing stage 1.
+# MicroDiT_XL_2, stage 2 of 4 of the MicroDiT paper's training recipe (micro_diffusion/configs/res_256_finetune.yaml):
+# 256px without masking, steps 250K -> 280K, continuing stage 1.
 #   torchrun --standalone --nproc_per_node=8 train.py configs/stage2_256_unmasked.py
 # The released recipe carries stage 1's full state over (weights, AdamW moments, step count) with a new lr:
 # init_from + init_state. Once this stage has a checkpoint of its own, resume = "auto" takes over.

@@ -1,4 +1,5 @@
-# MicroDiT_XL_2, stage 4 of 4 (SPEC A4): 512px without masking, steps 50K -> 55K, continuing stage 3.
+# MicroDiT_XL_2, stage 4 of 4 of the MicroDiT paper's training recipe (micro_diffusion/configs/res_512_finetune.yaml):
+# 512px without masking, steps 50K -> 55K, continuing stage 3.
 #   torchrun --standalone --nproc_per_node=8 train.py configs/stage4_512_unmasked.py
 # Like stage 2, the released recipe carries the full state over (weights, EMA, AdamW moments, step count).
 model = "MicroDiT_XL_2"

@@ -13,6 +13,9 @@ from model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parent / "reference"  # facts about released files, copied from their sources
+# pytest-xdist runs the tests in several worker processes (pytest.ini): they share the cores between them
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 # One thread per subprocess: two or three of them often run at once on a 2-core machine.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -7,6 +7,8 @@ import pytest
 
 import bench
 
+pytestmark = pytest.mark.slow  # the full tier: bench.py's commands, in subprocesses
+
 FAKE_TRAIN = """
 import json, os, time
 time.sleep({sleep})

@@ -17,7 +17,7 @@ from checkpoint import load_state_dict
 from conftest import run
 
 TOL = 1e-4  # max abs difference of the embeddings allowed against transformers
-# SPEC E, copied: CLIPImageProcessor's normalisation (OpenAI's)
+# copied from CLIPImageProcessor: the normalisation of OpenAI's CLIP (Radford et al. 2021)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CAPTIONS = ["the cat", "", "a photo of THE dog, 2 cats & 1 bird!", "word " * 90]  # the last one is cut to 77
@@ -35,8 +35,9 @@ def pooled(out):
 
 def hf_processor(size=224, folder=None):
     """CLIPImageProcessor on its PIL backend: the one of transformers 4, which torchmetrics' CLIPScore ran on,
-    and what SPEC E describes. (transformers 5's CLIPImageProcessor resizes with torchvision when it is
-    installed: torch's antialiased bicubic on tensors, a slightly different filter from PIL's.)"""
+    and OpenAI CLIP's own preprocessing (Radford et al. 2021). (transformers 5's CLIPImageProcessor resizes
+    with torchvision when it is installed: torch's antialiased bicubic on tensors, a slightly different
+    filter from PIL's.)"""
     transformers = pytest.importorskip("transformers")
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     if folder is not None:
@@ -199,8 +200,8 @@ def test_open_clip_layout_gives_the_same_embeddings(tmp_path):
 
 
 def test_vit_l14_layout_and_size():
-    """openai/clip-vit-large-patch14 (SPEC E) on the meta device: every HF name and shape fits, and the
-    parameters add up to the closed form."""
+    """openai/clip-vit-large-patch14 (torchmetrics' CLIPScore model) on the meta device: every HF name and
+    shape fits, and the parameters add up to the closed form."""
     transformers = pytest.importorskip("transformers")
     text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
     vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -319,6 +320,7 @@ def reference_score(ref, folder, files, captions):
     return (100 * cos.clamp(min=0)).mean().item(), cos
 
 
+@pytest.mark.slow
 def test_clip_score_command_matches_transformers(tmp_path):
     ref = tiny_hf_clip(tmp_path / "clip")
     files, captions = sample_folder(tmp_path / "samples", 5)
@@ -352,6 +354,7 @@ def low_rank_fid(fa, fb):
     return ((fa.mean(0) - fb.mean(0)) ** 2).sum() + (a ** 2).sum() / k1 + (b ** 2).sum() / k2 - 2 * tr_sqrt
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*2048")
 def test_protocol_writes_one_json(tmp_path, inception):
     net, weights = inception

@@ -161,6 +161,7 @@ def test_stream_resume_with_workers(stream_root):
         batches(5, 1)
 
 
+@pytest.mark.slow
 def test_stream_resume_reads_no_skipped_shard(tmp_path):
     root = write_records(str(tmp_path / "ds"), 24)
     stream = data.ShardStream(root, seed=6, shuffle_buffer=4, start=4)
@@ -237,6 +238,7 @@ def test_hub_errors(offline_hub):
 # the shapes command
 
 
+@pytest.mark.slow
 def test_shapes_command(tmp_path):
     out = str(tmp_path / "shapes")
     subprocess.run([sys.executable, "data.py", "shapes", "--out", out, "--n", "300", "--val", "40",

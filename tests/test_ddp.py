@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 import data
 from conftest import ENV, ROOT
 
+pytestmark = pytest.mark.slow  # the full tier: torchrun with two ranks
+
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 

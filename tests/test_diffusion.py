@@ -4,6 +4,7 @@ import math
 import os
 from dataclasses import asdict
 
+import pytest
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,7 @@ def test_training_noise_and_caption_dropout():
 
 # --- sigma_data: from the training config to the sampler ------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_model_trained_with_sigma_data_half_is_sampled_with_it(tmp_path):
     run("train.py", "--model=MicroDiT_test", "--sigma_data=0.5", "--dataset_size=64", "--max_steps=2",
         "--batch_size=4", "--eval_n=0", "--val_n=0", "--peak_flops=1e12", f"--data_dir={tmp_path / 'data'}",

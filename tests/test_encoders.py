@@ -83,7 +83,7 @@ def test_vae_matches_diffusers(name, tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [
-    # SPEC A5: stabilityai/stable-diffusion-xl-base-1.0/vae
+    # stabilityai/stable-diffusion-xl-base-1.0/vae/config.json (MicroDiT's VAE)
     dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, scaling_factor=0.13025),
     # ostris/vae-kl-f8-d16/config.json (as published, including the null shift_factor)
     dict(block_out_channels=[128, 128, 256, 512], layers_per_block=2, latent_channels=16, scaling_factor=0.2614,
@@ -249,7 +249,8 @@ def test_open_clip_layout(act, fmt, tmp_path):
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_full_size_text_layouts(act):
-    """DFN5B ViT-H-14-378 text tower (SPEC A5) in both layouts, on the meta device: every name and shape fits."""
+    """DFN5B ViT-H-14-378 text tower (MicroDiT's text encoder) in both layouts, on the meta device: every name
+    and shape fits."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                       num_attention_heads=16, hidden_act=act)

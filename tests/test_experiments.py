@@ -13,6 +13,8 @@ import scaling
 from conftest import ROOT
 from model import PRESETS, flops_per_image
 
+pytestmark = pytest.mark.slow  # the full tier: real train.py runs and FLOP counts of every ablation
+
 
 def test_sweep_rows_flags_and_resume(tmp_path, monkeypatch):
     import train

@@ -75,7 +75,7 @@ def weights_file(net, tmp_path_factory):
 
 
 # -----------------------------------------------------------------------------
-# The Frechet distance against the closed forms of SPEC D
+# The Frechet distance (Heusel et al. 2017) against its closed forms
 
 
 def test_equal_covariances_give_squared_mean_distance():
@@ -378,6 +378,7 @@ def run_cli(*args):
     return r.returncode, r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(weights_file, tmp_path):
     # Two images each, the fewest allowed (every image is a forward pass of the full network on CPU).
     a = write_images(tmp_path / "A", 2, seed=10)
@@ -406,6 +407,7 @@ def test_cli_end_to_end(weights_file, tmp_path):
     assert fid_ab > 1e-2 * np.trace(sigma)  # while A and B are far apart on that scale
 
 
+@pytest.mark.slow
 def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         fid.main([str(tmp_path / "missing"), str(tmp_path / "b.npz")])
@@ -481,6 +483,7 @@ def test_network_input_is_the_modes_definition(net, tmp_path, mode, reference):
         assert np.abs(got[0] - ((ref * 128 + 128) / 127.5 - 1)).max() > 0.5 / 255
 
 
+@pytest.mark.slow
 def test_statistics_of_different_modes_are_refused(tmp_path):
     rng = np.random.default_rng(14)
     mu, sigma = rng.standard_normal(4), random_spd(rng, 4)
@@ -547,6 +550,7 @@ def test_sample_folder_reads_only_the_images_of_prompts_txt(tmp_path):
         fid.images_and_captions(folder, tmp_path / "caps.txt")
 
 
+@pytest.mark.slow
 def test_damaged_image_is_one_line_with_workers(weights_file, tmp_path):
     folder = write_images(tmp_path / "imgs", 4, seed=16)
     good = (folder / "001.png").read_bytes()
@@ -564,6 +568,7 @@ def test_damaged_image_is_one_line_with_workers(weights_file, tmp_path):
         list(fid.image_batches([folder / "000.png", folder / "003.png"], fid.load_image, 2, workers=1))
 
 
+@pytest.mark.slow
 def test_help_lists_every_command_and_flag_with_its_default(capsys):
     r = subprocess.run([sys.executable, str(ROOT / "fid.py"), "--help"], capture_output=True, text=True,
                        timeout=60)

@@ -19,6 +19,8 @@ from diffusion import Denoiser, edm_loss, training_noise
 from model import build_model
 from parallel import checkpoint_blocks
 
+pytestmark = pytest.mark.slow  # the full tier: torchrun with two ranks, FSDP2
+
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 

@@ -39,6 +39,7 @@ def test_checkpoint_folder_round_trip(tmp_path):
     assert card.startswith("---\n") and "pipeline_tag: text-to-image" in card  # the Hub reads this metadata block
 
 
+@pytest.mark.slow
 def test_load_by_repo_id_offline_through_sample_py(tmp_path):
     write_checkpoint(tmp_path / "ckpt")
     hub_cache(tmp_path / "hub", "someone/microdit-tiny", tmp_path / "ckpt")
@@ -79,6 +80,7 @@ def test_push_uploads_weights_config_and_card_only(tmp_path, monkeypatch):
     assert calls["files"] == ["README.md", "config.json", "ema.safetensors", "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_train_pushes_its_final_checkpoint_with_results(tmp_path, monkeypatch):
     import huggingface_hub
     import train
@@ -109,7 +111,7 @@ def test_official_layout_loads_with_weights_only_and_samples(tmp_path):
     cfg = loaded.net.cfg
     assert cfg.latent_channels == 3 and cfg.latent_size == 8 and cfg.pos_interp_scale == 1.0
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.net.state_dict().values()))
-    assert loaded.sigma_data == config["sigma_data"] == 0.9  # SPEC A3
+    assert loaded.sigma_data == config["sigma_data"] == 0.9  # micro_diffusion/models/model.py's sigma_data
     assert config["text_encoder"]["repo"] == "apple/DFN5B-CLIP-ViT-H-14-378"
     # sample with a stand-in text encoder (the real DFN5B tower cannot be downloaded here)
     images = generate(loaded, {**config, "text_encoder": BUILTIN16, "latents": PIXELS},

@@ -16,6 +16,8 @@ from checkpoint import read_checkpoint
 from conftest import ENV, ROOT
 from test_train import tiny_config
 
+pytestmark = pytest.mark.slow  # the full tier: real signals to real runs, and resumes compared bit for bit
+
 
 def same_files(a, b, names=("model.safetensors", "ema.safetensors", "state.safetensors")):
     """Every tensor of the named files of checkpoint folders a and b is bitwise equal."""

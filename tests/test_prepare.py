@@ -113,6 +113,7 @@ def assert_trained(run, out_dir):
 # acceptance 3: prepare 40 pairs (2 corrupt), train on the shards, a second run skips the finished shards
 
 
+@pytest.mark.slow
 def test_prepare_writes_shards_and_reports_failures(tiny, prepared):
     out, run = prepared
     kept = [i for i in range(40) if i not in CORRUPT]
@@ -134,6 +135,7 @@ def test_prepare_writes_shards_and_reports_failures(tiny, prepared):
         assert (meta["res"], meta["posterior"], meta["text_dim"], meta["max_len"]) == (res, "sample", 16, 77)
 
 
+@pytest.mark.slow
 def test_second_run_skips_finished_shards(tiny, prepared):
     out, _ = prepared
     mtimes = lambda: {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in shard_files(out) if "shard-" in p}
@@ -148,6 +150,7 @@ def test_second_run_skips_finished_shards(tiny, prepared):
         data.prepare(tiny[2], out, (64, 32), tiny[0], "vae", tiny[1], shard_size=16, seed=1)
 
 
+@pytest.mark.slow
 def test_train_on_prepared_shards(prepared, tmp_path):
     run = subprocess.run(train_cmd(os.path.join(prepared[0], "64"), tmp_path / "run"), cwd=ROOT, env=OFFLINE,
                          capture_output=True, text=True, timeout=300)
@@ -254,6 +257,7 @@ def test_list_inputs_and_skipped_captions(tiny, prepared, tmp_path):
 # acceptance 4: train from the shards served as a Hub dataset repo (a local HF cache, HF_HUB_OFFLINE=1)
 
 
+@pytest.mark.slow
 def test_train_streams_from_hub_dataset(prepared, tmp_path):
     hub_cache(tmp_path / "hub", "test/tiny-latents", prepared[0], repo_type="dataset")
     env = dict(OFFLINE, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf_home"))

@@ -13,6 +13,8 @@ import fid
 from conftest import ENV, ROOT, run
 from test_clip import inception, low_rank_fid, reference_score, tiny_hf_clip  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.slow  # the full tier: the whole COCO protocol in a subprocess
+
 
 @pytest.mark.filterwarnings("ignore:.*2048")
 def test_captions_to_images_to_fid_and_clip_score_in_one_json(tmp_path, inception):  # noqa: F811

@@ -59,6 +59,7 @@ def job(ckpt, tmp_path_factory):
     return args, root / "straight"
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_same_bytes_as_one_process(job, tmp_path):
     args, straight = job
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -70,6 +71,7 @@ def test_two_ranks_write_the_same_bytes_as_one_process(job, tmp_path):
     assert f"{N} written this run" in p.stdout  # rank 0 counts the images of both ranks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_stopped_run_resumes_to_the_same_folder(job, tmp_path, sig):
     args, straight = job
@@ -178,6 +180,7 @@ def test_the_folder_holds_the_job_and_the_grid_lies_beside_it(ckpt, tmp_path, ca
     assert len(os.listdir(tmp_path / "big")) == 259 and not (tmp_path / "big_grid.png").exists()
 
 
+@pytest.mark.slow
 def test_help_lists_every_flag_with_its_default():
     text = run("sample.py", "--help").stdout
     defaults = {"--ckpt": "out/default", "--official-preset": "MicroDiT_XL_2", "--prompt": "[]",

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
+import report
 import scaling
 from conftest import ROOT
 from model import PRESETS, flops_per_image
-CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022, SPEC C
+CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022's published fit
 
 
 # -----------------------------------------------------------------------------
@@ -25,20 +26,21 @@ CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann e
 
 def test_gpu_hours_and_dollars_closed_form():
     # one hour of a 1 PFLOP/s GPU at 50% MFU is 1.8e18 FLOPs
-    assert scaling.gpu_hours(1.8e18, gpu_peak=1e15, mfu=0.5) == pytest.approx(1.0)
-    assert scaling.dollars(2.0, price=3.75) == pytest.approx(7.5)
+    assert report.gpu_hours(1.8e18, gpu_peak=1e15, mfu=0.5) == pytest.approx(1.0)
+    assert report.dollars(2.0, price=3.75) == pytest.approx(7.5)
     assert scaling.implied_mfu(0.3 * 2.6 * 86400 * 8 * 989.4e12) == pytest.approx(0.3)
 
 
 def test_paper_price_days_and_gpus_agree():
     # at the implied MFU any FLOP count takes 2.6 days on 8 GPUs; at $3.75/hour that is the paper's $1,890
     flops = 3e20
-    hours = scaling.gpu_hours(flops, mfu=scaling.implied_mfu(flops))
+    hours = report.gpu_hours(flops, mfu=scaling.implied_mfu(flops))
     assert hours == pytest.approx(2.6 * 24 * 8)
-    assert scaling.dollars(hours) == pytest.approx(1890, rel=0.01)
+    assert report.dollars(hours) == pytest.approx(1890, rel=0.01)
 
 
-def test_recipe_stages_follow_spec_a4():
+@pytest.mark.slow
+def test_recipe_stages_follow_the_papers_recipe():
     stages = scaling.recipe_stages("MicroDiT_test")
     assert [(s["res"], s["mask_ratio"], s["steps"]) for s in stages] == [
         (256, 0.75, 250_000), (256, 0.0, 30_000), (512, 0.75, 50_000), (512, 0.0, 5_000)]
@@ -52,12 +54,14 @@ def test_recipe_stages_follow_spec_a4():
         < stages[3]["flops_per_image"]
 
 
+@pytest.mark.slow
 def test_paper_recipe_implies_a_plausible_mfu():
     # acceptance: outside 10%-70% the FLOPs are miscounted (or the paper's figures disagree with each other)
     total = sum(s["flops"] for s in scaling.recipe_stages("MicroDiT_XL_2"))
     assert 0.10 < scaling.implied_mfu(total) < 0.70
 
 
+@pytest.mark.slow
 def test_cost_cli(capsys):
     scaling.main(["cost", "--preset=MicroDiT_test", "--gpu-peak=100", "--mfu=0.5", "--price=2"])
     lines = capsys.readouterr().out.splitlines()
@@ -159,6 +163,7 @@ def chinchilla_points():
     return N, D, L, json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_chinchilla_fit_recovers_published_parameters(chinchilla_points):
     fit = chinchilla_points[3]
     assert fit["E"] == pytest.approx(1.69, rel=0.01)
@@ -216,6 +221,7 @@ def test_fit_rejects_bad_input(tmp_path):
 # fitting a sweep's results
 
 
+@pytest.mark.slow
 def test_fit_cli_on_synthetic_sweep(tmp_path, monkeypatch, capsys):
     true = dict(E=0.3, A=40.0, B=25.0, alpha=0.3, beta=0.4)
     rows = []
@@ -253,6 +259,7 @@ def vit_flops(tokens, width, layers, mlp_width):
     return layers * per_layer
 
 
+@pytest.mark.slow
 def test_protocol_cost_parts_match_closed_forms():
     parts = scaling.protocol_cost("MicroDiT_XL_2", res=512, n_images=10, steps=30)
     denoiser = [v for k, v in parts.items() if k.startswith("denoiser")]

@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import typing
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -9,7 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import config
 import train
+from config import load_config, model_overrides
 from conftest import BUILTIN16, PIXELS, ROOT, run, tiny_denoiser
 from diffusion import Denoiser
 from model import build_model, get_config
@@ -18,11 +22,15 @@ from sample import generate
 
 # --- config -------------------------------------------------------------------------------------
 
+def load(argv):
+    return load_config(train.TrainConfig, argv)
+
+
 def test_overrides_are_typed():
-    cfg = train.load_config(["--max_steps=7", "--lr=3e-4", "--compile=true", "--bf16=None", "--model=MicroDiT_test"])
+    cfg = load(["--max_steps=7", "--lr=3e-4", "--compile=true", "--bf16=None", "--model=MicroDiT_test"])
     assert (cfg.max_steps, cfg.lr, cfg.compile, cfg.bf16, cfg.model) == (7, 3e-4, True, None, "MicroDiT_test")
-    assert train.load_config(["--bf16=false"]).bf16 is False
-    cfg = train.load_config(["--overwrite", "--compile", "--bf16"])  # a bare switch is true, as argparse's
+    assert load(["--bf16=false"]).bf16 is False
+    cfg = load(["--overwrite", "--compile", "--bf16"])  # a bare switch is true, as argparse's
     assert cfg.overwrite is True and cfg.compile is True and cfg.bf16 is True
 
 
@@ -34,35 +42,57 @@ def test_overrides_are_typed():
 ])
 def test_bad_overrides_name_the_key(argv, message):
     with pytest.raises(ValueError, match=message):
-        train.load_config(argv)
+        load(argv)
 
 
 def test_model_args_override_preset_fields():
-    cfg = train.load_config(["--model=MicroDiT_S", "--model_args=mixer_depth=0, mlp_ratio=2.5:2.5,bias=true"])
-    over = train.model_overrides(cfg.model_args, get_config(cfg.model))
+    cfg = load(["--model=MicroDiT_S", "--model_args=mixer_depth=0, mlp_ratio=2.5:2.5,bias=true"])
+    over = model_overrides(cfg.model_args, get_config(cfg.model))
     assert over == {"mixer_depth": 0, "mlp_ratio": (2.5, 2.5), "bias": True}
     assert type(over["mixer_depth"]) is int and type(over["mlp_ratio"][0]) is float
     with pytest.raises(ValueError, match="'depht=3' is not FIELD=VALUE"):
-        train.check_config(train.load_config(["--model_args=depht=3"]))
+        train.check_config(load(["--model_args=depht=3"]))
     with pytest.raises(ValueError, match="--model_args dim: expected int, got '1.5'"):
-        train.check_config(train.load_config(["--model_args=dim=1.5"]))
+        train.check_config(load(["--model_args=dim=1.5"]))
 
 
 def test_config_file_then_overrides(tmp_path):
     f = tmp_path / "run.py"
     f.write_text("# 8 images x 4 accumulation\nbatch_size = 8 * 4\nlr = 1\nmodel = 'MicroDiT_test'\n")
-    cfg = train.load_config([str(f), "--lr=0.5"])
+    cfg = load([str(f), "--lr=0.5"])
     assert (cfg.batch_size, cfg.lr, cfg.model) == (32, 0.5, "MicroDiT_test")  # the int lr is accepted as float
     bad = tmp_path / "bad.py"
     bad.write_text("batchsize = 8\n")
     with pytest.raises(ValueError, match="bad.py: unknown config key 'batchsize'"):
-        train.load_config([str(bad)])
+        load([str(bad)])
     wrong = tmp_path / "wrong.py"
     wrong.write_text("max_steps = '10'\n")
     with pytest.raises(ValueError, match="wrong.py: max_steps must be"):
-        train.load_config([str(wrong)])
+        load([str(wrong)])
     with pytest.raises(FileNotFoundError, match="nope.py"):
-        train.load_config([str(tmp_path / "nope.py")])
+        load([str(tmp_path / "nope.py")])
+
+
+@dataclass
+class Tiny:
+    steps: int = 3                     # how many steps
+    rate: float = 0.5                  # a rate, with a comment
+                                       # continued on the next line
+    name: typing.Optional[str] = None  # None = unnamed
+
+
+def test_config_reads_any_dataclass(tmp_path):
+    f = tmp_path / "tiny.py"
+    f.write_text("steps = 2 * 5\n")
+    cfg = load_config(Tiny, [str(f), "--rate=1", "--name=x"])
+    assert (cfg.steps, cfg.rate, cfg.name) == (10, 1.0, "x") and type(cfg.rate) is float
+    assert config.field_help(Tiny) == {"steps": "how many steps", "name": "None = unnamed",
+                                       "rate": "a rate, with a comment continued on the next line"}
+    with pytest.raises(ValueError, match=r"unknown config key --step \(python test_train.py --help lists them"):
+        load_config(Tiny, ["--step=1"])
+    (tmp_path / "none.py").write_text("import os\n")
+    with pytest.raises(ValueError, match="none.py: sets no config field .*assigns fields of Tiny"):
+        load_config(Tiny, [str(tmp_path / "none.py")])
 
 
 def test_lr_schedule():
@@ -84,6 +114,7 @@ def tiny_config(tmp_path, **kw):
     return train.TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact(tmp_path):
     train.train(tiny_config(tmp_path))  # 6 steps straight, checkpoints at 3 and 6
     straight = tmp_path / "run"
@@ -101,12 +132,14 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert state["step"] == 6 and state["samples"] == 48
 
 
+@pytest.mark.slow
 def test_zero_steps_saves_and_scores_the_initial_weights(tmp_path):
     train.train(tiny_config(tmp_path, max_steps=0))
     ckpt = tmp_path / "run" / "ckpt-0000000"
     assert (ckpt / "model.safetensors").exists() and "val_loss" in json.loads((ckpt / "config.json").read_text())["results"]
 
 
+@pytest.mark.slow
 def test_unmasked_steps_end_the_run_unmasked(tmp_path, monkeypatch):
     seen, real = [], train.edm_loss
     monkeypatch.setattr(train, "edm_loss", lambda D, x, y, sigma, noise, mask_ratio: seen.append(mask_ratio) or
@@ -114,9 +147,10 @@ def test_unmasked_steps_end_the_run_unmasked(tmp_path, monkeypatch):
     train.train(tiny_config(tmp_path, mask_ratio=0.5, max_steps=5, unmasked_steps=2, val_n=0))
     assert seen == [0.5, 0.5, 0.5, 0.0, 0.0]
     with pytest.raises(ValueError, match="--unmasked_steps=-1: must be >= 0"):
-        train.check_config(train.load_config(["--unmasked_steps=-1"]))
+        train.check_config(load(["--unmasked_steps=-1"]))
 
 
+@pytest.mark.slow
 def test_model_and_data_mismatch_is_a_clear_error(tmp_path):
     train.train(tiny_config(tmp_path, max_steps=1))
     cfg = tiny_config(tmp_path, model="MicroDiT_S", dataset="shards", out_dir=str(tmp_path / "other"))
@@ -144,6 +178,7 @@ def test_empty_prompt_is_refused():
 
 # --- as a user runs it ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_then_sample_end_to_end(tmp_path):
     out = run("train.py", "--model=MicroDiT_test", "--dataset_size=100", "--max_steps=4", "--batch_size=4",
               "--log_every=2", "--eval_n=4", "--eval_steps=2", "--val_n=8", "--peak_flops=1e12",
@@ -164,6 +199,7 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert Image.open(tmp_path / "samples_grid.png").size == (16, 16)  # beside the folder: not a sample
 
 
+@pytest.mark.slow
 def test_sample_without_checkpoint_says_what_to_do(tmp_path):
     p = run("sample.py", "--ckpt", tmp_path / "none", check=False)
     assert p.returncode != 0 and "no checkpoint at" in p.stderr and "python train.py" in p.stderr
@@ -182,6 +218,7 @@ def test_batch_arithmetic_errors(tmp_path, kw, message):
         train.train(tiny_config(tmp_path, **kw))
 
 
+@pytest.mark.slow
 def test_accumulation_matches_one_big_batch(tmp_path, capsys):
     # the noise of a step is drawn for the whole global batch, so micro-batching changes only float rounding
     # (mask ratio 0: token masks are drawn per forward pass)
@@ -195,6 +232,7 @@ def test_accumulation_matches_one_big_batch(tmp_path, capsys):
     assert len(logs[8]) == 3 and logs[8] == pytest.approx(logs[2], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_init_from_a_smaller_latent_recomputes_pos_embed(tmp_path):
     train.train(tiny_config(tmp_path, max_steps=2, out_dir=str(tmp_path / "a")))  # 8x8 latents: a 4x4 patch grid
     # lr 0: AdamW and the EMA leave the weights exactly as loaded
@@ -210,6 +248,7 @@ def test_init_from_a_smaller_latent_recomputes_pos_embed(tmp_path):
     assert json.load(open(tmp_path / "b" / "ckpt-0000001" / "state.json"))["step"] == 1  # weights only: from step 0
 
 
+@pytest.mark.slow
 def test_init_state_continues_another_run_exactly(tmp_path, capsys):
     train.train(tiny_config(tmp_path, out_dir=str(tmp_path / "a")))  # checkpoints at 3 and 6
     cfg = tiny_config(tmp_path, out_dir=str(tmp_path / "b"), resume="auto", init_state=True,
@@ -226,8 +265,10 @@ def test_init_state_continues_another_run_exactly(tmp_path, capsys):
     assert f"resumed from {tmp_path / 'b' / 'ckpt-0000006'} at step 6" in capsys.readouterr().out
 
 
-# SPEC A4 row by row: mask ratio, last step, lr, schedule, warmup, clip, ema, latent size, interp scale, P_mean, P_std
-SPEC_A4 = {
+# The MicroDiT paper's four-stage training recipe (arXiv 2407.15811; micro_diffusion/configs/res_256_pretrain.yaml,
+# res_256_finetune, res_512_pretrain, res_512_finetune), row by row: mask ratio, last step, lr, schedule, warmup,
+# clip, ema, latent size, interp scale, P_mean, P_std
+RECIPE_STAGES = {
     "stage1_256_masked": (0.75, 250_000, 2.4e-4, "cosine", 2500, 0.25, 0.0, 32, 1.0, -0.6, 1.2),
     "stage2_256_unmasked": (0.0, 280_000, 8e-5, "constant", 0, 0.25, 0.0, 32, 1.0, -0.6, 1.2),
     "stage3_512_masked": (0.75, 50_000, 8e-5, "constant", 500, 0.5, 0.99975, 64, 2.0, 0.0, 0.6),
@@ -235,12 +276,12 @@ SPEC_A4 = {
 }
 
 
-def test_recipe_configs_follow_spec_a4():
-    cfgs = {name: train.load_config([str(ROOT / "configs" / f"{name}.py")]) for name in SPEC_A4}
+def test_recipe_configs_follow_the_papers_recipe():
+    cfgs = {name: load([str(ROOT / "configs" / f"{name}.py")]) for name in RECIPE_STAGES}
     for name, cfg in cfgs.items():
         mcfg = train.model_config(cfg)
         assert (cfg.mask_ratio, cfg.max_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.grad_clip, cfg.ema_decay,
-                mcfg.latent_size, mcfg.pos_interp_scale, cfg.P_mean, cfg.P_std) == SPEC_A4[name], name
+                mcfg.latent_size, mcfg.pos_interp_scale, cfg.P_mean, cfg.P_std) == RECIPE_STAGES[name], name
         assert (cfg.model, cfg.batch_size, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.bf16, cfg.sigma_data,
                 cfg.caption_dropout, cfg.resume) == ("MicroDiT_XL_2", 2048, 0.9, 0.999, 1e-8, 0.1, True, 0.9, 0.1,
                                                      "auto")

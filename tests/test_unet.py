@@ -11,7 +11,7 @@ import torch
 from model import UNET_PRESETS, UNet, UNetConfig, param_count
 from scaling import unet_macs
 
-# Paper B, Table 1 (SPEC section B), typed here independently of the code under test:
+# Paper B (Li et al. 2024, arXiv 2404.02883), Table 1, typed here independently of the code under test:
 # preset -> (params in B, GMACs at 256px, attention GMACs).
 TABLE1 = {
     "UNet_SD2_C320": (0.87, 86, 34), "UNet_SD2_C512": (2.19, 219, 85),
@@ -54,6 +54,7 @@ def _gmacs(name):
     return {k: v / 1e9 for k, v in unet_macs(UNET_PRESETS[name], latent_size=32).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TABLE1))
 def test_table1_macs(name):
     _, gmacs, attn_gmacs = TABLE1[name]

@@ -17,6 +17,8 @@ import torch
 import train
 from conftest import ENV, ROOT, run
 
+pytestmark = pytest.mark.slow  # the full tier: every test runs the scripts in subprocesses, as a user does
+
 TINY = ["--model=MicroDiT_test", "--dataset_size=64", "--batch_size=4", "--eval_n=0", "--val_n=8",
         "--peak_flops=1e12", "--threads=1"]
 
