@@ -619,6 +619,12 @@ BENCHMARKS = {"masking": bench_masking, "compile": bench_compile, "bf16": bench_
 CPU_BENCHMARKS = [name for name in BENCHMARKS if name not in ("gpu", "default")]  # a bare `python bench.py`
 
 
+def usage_error(message):
+    """Exit 2, the code of a command that must change, with one line (a benchmark that fails exits 1)."""
+    print(f"bench.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv):
     if "--out" in argv[:-1]:  # `--out PATH` as well as `--out=PATH`
         i = argv.index("--out")
@@ -629,12 +635,12 @@ def main(argv):
     names = [a for a in argv if a not in threads and not a.startswith(("--out=", "--against="))]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        sys.exit(f"bench.py: unknown benchmark(s) or flag(s) {unknown}; known: {list(BENCHMARKS)}, "
-                 "--threads=N, --out=PATH (gpu's JSON)")
+        usage_error(f"unknown benchmark(s) or flag(s) {unknown}; known: {list(BENCHMARKS)}, "
+                    "--threads=N, --out=PATH (gpu's JSON)")
     if outs and names != ["gpu"]:
-        sys.exit("bench.py: --out names the gpu benchmark's JSON: `python bench.py gpu --out=PATH`")
+        usage_error("--out names the gpu benchmark's JSON: `python bench.py gpu --out=PATH`")
     if against and names != ["default"]:
-        sys.exit("bench.py: --against names the commit `python bench.py default` compares with")
+        usage_error("--against names the commit `python bench.py default` compares with")
     args = (against or outs)[-1:]  # the one argument a benchmark takes: gpu's --out, default's --against
     if threads:
         torch.set_num_threads(int(threads[-1].split("=")[1]))

@@ -1,7 +1,8 @@
 """
 Everything that reads or writes weights: the one atomic write, the one weights reader and the one strict
 loader, checkpoint folders (config.json + safetensors, a Hugging Face Hub repo as they stand) with their
-model card, the training state that resumes a run, the released MicroDiT .pt files, and files of Hub repos.
+model card, the training state that resumes a run, a run's folder (out_dir), the released MicroDiT .pt files,
+and files of Hub repos.
 
 A checkpoint folder:
     config.json        model type and config, the frozen encoders (specs), sigma_data, train config, results
@@ -26,6 +27,7 @@ from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, Local
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from config import UsageError
 from diffusion import SIGMA_DATA, Denoiser
 from model import MODELS, PRESETS, build_model, get_config, model_type
 
@@ -366,3 +368,49 @@ def load_checkpoint(ckpt, folder, net, ema):
         _, i, name = key.split(".", 2)
         per_param.setdefault(int(i), {})[name] = v
     return ckpt["state"], per_param
+
+# -----------------------------------------------------------------------------
+# A run's folder (train.py's out_dir): its checkpoints, those that did not load (set aside), its log
+
+
+def claim_out_dir(out_dir, overwrite, resume):
+    """An out_dir holds one run. A fresh run where another run's checkpoints or log are is refused (or, with
+    overwrite, that run is deleted); leftovers of interrupted writes (*.tmp) are removed. The caller holds the
+    folder's lock (lock.py): no live job writes here meanwhile."""
+    names = os.listdir(out_dir)
+    for name in names:
+        if name.endswith(".tmp"):
+            remove(os.path.join(out_dir, name))
+    ours = [n for n in names
+            if re.fullmatch(r"ckpt-\d+(\.bad(-\d+)?)?|log\.jsonl|samples-\d+\.png|curve\.png", n)]
+    if ours and overwrite:
+        for name in ours:
+            remove(os.path.join(out_dir, name))
+        print(f"--overwrite: deleted the run in {out_dir} ({len(ours)} files and folders)")
+    elif ours and not resume:
+        ckpts = list_checkpoints(out_dir)
+        what = f"checkpoints up to {os.path.basename(ckpts[0])}" if ckpts else "a log.jsonl"
+        raise UsageError(f"{out_dir} holds another run ({what}): continue it with --resume=auto, or start "
+                         f"this one in a new --out_dir, or pass --overwrite to delete that run")
+
+
+def set_aside(folder):
+    """Rename a checkpoint that does not load to <folder>.bad (.bad-2, .bad-3, ... when taken), where it is
+    kept for a look, never resumed nor pruned; returns the new name."""
+    aside, n = f"{folder}.bad", 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{folder}.bad-{n}"
+    os.replace(folder, aside)
+    return aside
+
+
+def keep_log_until(out_dir, step):
+    """log.jsonl belongs to this run: records after the step it (re)starts from, of an interrupted part
+    that is now being redone, are dropped."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with atomic_write(path) as tmp, open(tmp, "w") as f:
+            f.writelines(keep)

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 import shapes
 from checkpoint import atomic_write, hub_file, offline_hint, parse_hub_root, read_json, write_json
-from encoders import DFN5B_CLIP, PIXELS, SDXL_VAE, image_to_latent, load_text_encoder, load_vae
+from config import UsageError
+from encoders import DFN5B_CLIP, PIXELS, SDXL_VAE, check_hub, load_text_encoder, load_vae
 
 # -----------------------------------------------------------------------------
 # Latent shards. A dataset is a folder with index.json and shard-00000.safetensors, ...; each shard
@@ -356,7 +357,7 @@ def list_pairs(src):
                     pairs.append(Pair(os.path.join(folder, f), None, caption_file))
         return pairs
     if not os.path.isfile(src):
-        raise FileNotFoundError(f"{src}: no such folder or file")
+        raise UsageError(f"{src}: no such folder or file")
     if src.endswith(".jsonl"):
         rows = []
         with open(src, encoding="utf-8") as f:
@@ -371,7 +372,7 @@ def list_pairs(src):
         with open(src, newline="", encoding="utf-8") as f:
             rows = list(enumerate(csv.DictReader(f), 2))  # line 1 is the header
     else:
-        raise ValueError(f"{src}: expected a folder of images with .txt captions, or a .jsonl or .csv file")
+        raise UsageError(f"{src}: expected a folder of images with .txt captions, or a .jsonl or .csv file")
     base = os.path.dirname(os.path.abspath(src))
     pairs = []
     for n, row in rows:  # image paths are relative to the list's folder
@@ -429,7 +430,7 @@ def encode_batch(vae, enc, ids, images, captions, resolutions, seed=0, sample=Tr
     device = vae.encoder.conv_in.weight.device
     latents = {}
     for j, r in enumerate(resolutions):
-        x = image_to_latent(np.stack([im[j] for im in images])).to(device)  # (B, 3, r, r) in [-1, 1]
+        x = shapes.image_to_latent(np.stack([im[j] for im in images])).to(device)  # (B, 3, r, r) in [-1, 1]
         noise = posterior_noise(vae, ids, r, seed).to(device) if sample else None
         latents[r] = vae.encode(x, sample=sample, noise=noise).half().cpu()
     return latents, enc(list(captions)).half().cpu()
@@ -480,13 +481,15 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
     t0 = time.time()
     pairs = list_pairs(src)
     if not pairs:
-        raise ValueError(f"{src}: no image-caption pairs found (images: {', '.join(IMAGE_EXTS)})")
+        raise UsageError(f"{src}: no image-caption pairs found (images: {', '.join(IMAGE_EXTS)})")
+    check_hub(vae, "--vae PATH")  # at once, not after a minute of retries, if the Hub cannot be reached
+    check_hub(text_encoder, "--text-encoder PATH")
     vae = load_vae(vae, vae_subfolder, device)
     enc = load_text_encoder(text_encoder, text_encoder_subfolder, device)
     f = vae.downsample_factor
     bad = [r for r in resolutions if r % f]
     if bad:
-        raise ValueError(f"--res {bad}: not multiples of the VAE's downsampling factor {f}")
+        raise UsageError(f"--res {bad}: not multiples of the VAE's downsampling factor {f}")
     base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
     names = [os.path.relpath(p.image, base) for p in pairs]  # as the report lists them
     settings = {"source": os.path.abspath(src), "pairs": len(pairs), "resolutions": list(resolutions),
@@ -501,7 +504,7 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
     if state["settings"] != settings:
         diff = {k: (state["settings"].get(k), v) for k, v in settings.items()
                 if state["settings"].get(k) != v}
-        raise ValueError(f"{out} holds shards prepared from other inputs or settings (then, now): {diff}; "
+        raise UsageError(f"{out} holds shards prepared from other inputs or settings (then, now): {diff}; "
                          f"delete it or prepare into another folder")
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
@@ -543,18 +546,22 @@ def prepare(src, out, resolutions=(256, 512), vae=SDXL_VAE, vae_subfolder="vae",
     skipped = [s for e in entries for s in e["skipped"]]
     seconds = time.time() - t0
     written = sum(e["count"] for e in entries)
+    encoded = sum(state["shards"][str(k)]["count"] for k in todo)  # by this run, not counting its skipped
     # pairs_per_s counts from t1: without loading the encoders
     report = {"source": settings["source"], "pairs": len(pairs), "written": written, "skipped": len(skipped),
               "reasons": dict(collections.Counter(s["reason"] for s in skipped)),
               "datasets": list(dirs.values()), "shards": len(chunks),
               "shards_already_done": len(chunks) - len(todo), "seconds": round(seconds, 2),
-              "pairs_per_s": round((len(pairs) - done) / (time.time() - t1), 2), "skipped_pairs": skipped}
+              "pairs_per_s": round(encoded / (time.time() - t1), 2), "skipped_pairs": skipped}
     write_json(os.path.join(out, "report.json"), report, indent=1)
     reasons = ", ".join(f"{v} {k}" for k, v in report["reasons"].items()) or "none"
     print(f"prepare: {written} of {len(pairs)} pairs -> {', '.join(dirs.values())}; skipped {len(skipped)} "
-          f"({reasons}), listed in {os.path.join(out, 'report.json')}; "
-          f"{len(chunks) - len(todo)} of {len(chunks)} shards were already done; "
-          f"{len(pairs) - done} pairs encoded ({report['pairs_per_s']:.0f}/s), {seconds:.1f}s in all")
+          f"({reasons}); {len(chunks) - len(todo)} of {len(chunks)} shards were already done; "
+          f"{encoded} pairs encoded ({report['pairs_per_s']:.0f}/s), {seconds:.1f}s in all")
+    if skipped:  # the first few by name: the rest, and every error message, are in report.json
+        names = ", ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        print(f"prepare: skipped {names}{more}; all {len(skipped)}, with their errors, in {out}/report.json")
     if not written:
         raise ValueError(f"{src}: none of the {len(pairs)} pairs could be used; see {out}/report.json")
     return report
@@ -586,7 +593,7 @@ def _write_shapes(out, scenes, res, enc, shard_size, meta, desc, texts=None):
                 chunk_texts = [shapes.caption(s) for s in chunk]
             images = _memo(drawn, chunk, draw, memo_bytes // (res * res * 3))
             feats = _memo(encoded, chunk_texts, encode, memo_bytes // (enc.max_len * enc.dim * 4))
-            latents = image_to_latent(np.stack(images)).to(torch.float16)  # (B, 3, H, W), as stored
+            latents = shapes.image_to_latent(np.stack(images)).to(torch.float16)  # (B, 3, H, W), as stored
             for latent, feat, text in zip(latents, feats, chunk_texts):
                 writer.add(latent, feat, text)
             bar.update(len(chunk))
@@ -611,7 +618,7 @@ def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, ma
     captions stay full)."""
     # below 16px the scorer cannot tell shapes apart, but 8px images still serve the fast plumbing tests
     if n < 1 or res < 8 or scenes < 0 or captions not in ("full", "partial"):
-        raise ValueError(f"make_shapes_dataset: need n >= 1, res >= 8, scenes >= 0, captions 'full' or "
+        raise UsageError(f"make_shapes_dataset: need n >= 1, res >= 8, scenes >= 0, captions 'full' or "
                          f"'partial'; got n={n}, res={res}, scenes={scenes}, captions={captions!r}")
     enc = shapes.BuiltinTextEncoder(text_dim, max_len, context)
     scenes_id = zlib.crc32(json.dumps([shapes.COLOURS, shapes.POSITIONS, shapes.SIZES, shapes.GAP,
@@ -631,7 +638,7 @@ def make_shapes_dataset(out, n, res=32, seed=0, shard_size=4096, text_dim=64, ma
             return out
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         if any(old.get(k) != v for k, v in request.items()):
-            raise ValueError(f"{out} holds a different dataset (existing, requested): {diff}; "
+            raise UsageError(f"{out} holds a different dataset (existing, requested): {diff}; "
                              f"delete it or pick another folder")
         # The same request written by another version of this file: the dataset is a pure function of the
         # request and the code, so it is safe to write it again (a data_cache folder simply follows the code).
@@ -728,8 +735,11 @@ def main(argv=None):
             prepare(args.input, args.out, args.res, args.vae, args.vae_subfolder, args.text_encoder,
                     args.text_encoder_subfolder, args.batch_size, args.device, args.shard_size, args.seed,
                     args.sample, args.workers)
-    except (ValueError, OSError) as e:  # bad input, a damaged file, a folder of another dataset: one line
-        parser.exit(2, f"data.py: error: {e}\n")
+    except (ValueError, OSError) as e:  # one line, no traceback
+        # exit 2: the command must change (an input that is not there, a folder of another dataset);
+        # 1: the job failed (a damaged file, no network, a full disk)
+        code = 2 if isinstance(e, (UsageError, FileNotFoundError, FileExistsError)) else 1
+        parser.exit(code, f"data.py: error: {e}\n")
 
 
 if __name__ == "__main__":

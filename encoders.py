@@ -20,11 +20,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants, get_session
 from PIL import Image
 
 from checkpoint import (RELEASED_TEXT_ENCODER, RELEASED_VAES, find_file, hub_file, load_state_dict, read_json,
                         read_weights)
-from shapes import BuiltinTextEncoder
+from shapes import PIXELS, BuiltinTextEncoder, latent_to_image  # the shapes dataset: pixels as the latents
 
 SDXL_VAE = RELEASED_VAES[4]["repo"]  # subfolder "vae"; 4 channels, scaling_factor 0.13025 (its config.json)
 DFN5B_CLIP = RELEASED_TEXT_ENCODER["repo"]  # open_clip format, text width 1024, 24 layers, quick_gelu true
@@ -37,6 +38,21 @@ def frozen(model, device, dtype=torch.float32):
 def spec_repo(repo):
     """A repo as a spec names it: a local folder by its absolute path (valid from anywhere), else its id."""
     return os.path.abspath(repo) if os.path.isdir(repo) else repo
+
+
+def check_hub(repo, local):
+    """Fail at once if `repo` is neither a local folder nor cached and the Hub cannot be reached (huggingface_hub
+    would retry for a minute, then call its files missing). local: the way to a local copy, e.g. "--vae PATH"."""
+    cache = hf_constants.HF_HUB_CACHE
+    if os.path.isdir(repo) or os.path.isdir(os.path.join(cache, "models--" + repo.replace("/", "--"))):
+        return  # huggingface_hub reads a cached repo at once when the Hub is down
+    try:
+        get_session().head(hf_constants.ENDPOINT, timeout=5)  # refused at once when HF_HUB_OFFLINE is set
+    except Exception as e:  # offline mode, refused, no route, no name server, a proxy's error, a timeout
+        why = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else f"{hf_constants.ENDPOINT}: {e}"
+        raise ConnectionError(f"the Hugging Face Hub cannot be reached ({why}), and {repo} is not in the HF "
+                              f"cache ({cache}): pass {local}, a local copy of it, or fill the cache where the "
+                              "Hub can be reached and run with HF_HUB_OFFLINE=1") from None
 
 # -----------------------------------------------------------------------------
 # CLIP BPE tokenizer (byte-level BPE over the 49,408-entry CLIP vocabulary), without ftfy or the regex module
@@ -739,8 +755,6 @@ def load_vae(repo_or_path=SDXL_VAE, subfolder="vae", device="cpu", dtype=torch.f
 # "text_encoder" and "latents" specs, train.py copies them into each checkpoint's config, and sample.py
 # rebuilds the encoders from them. Every loader records the spec it was loaded from as `.spec`.
 
-PIXELS = {"type": "pixels"}  # the shapes dataset: the 'latents' are the images themselves, in [-1, 1]
-
 
 def text_encoder_from_spec(spec, device="cpu"):
     """The frozen text encoder a spec names: {'type': 'builtin', 'dim', 'max_len', 'context'} or a CLIP's."""
@@ -779,22 +793,8 @@ def _checked(encoder, spec):
 @torch.no_grad()
 def latents_to_images(x, spec, vae=None):
     """Latents (B, C, h, w) -> list of uint8 (H, W, 3) images, decoded by the spec's VAE (loaded if None)."""
-    if spec.get("type") == "vae":
-        if vae is None:
-            vae = vae_from_spec(spec, x.device)
+    if vae is None:
+        vae = vae_from_spec(spec, x.device)  # None for pixels: the latents are the images
+    if vae is not None:
         x = vae.decode(x.to(vae.decoder.conv_in.weight.device))  # (B, 3, 8h, 8w), about [-1, 1]
-    elif spec.get("type") != "pixels":
-        raise ValueError(f"unknown latent spec {spec!r}: expected type 'pixels' or 'vae'")
     return list(latent_to_image(x))
-
-
-def image_to_latent(img):
-    """PIL image or uint8 (..., H, W, 3) -> float32 tensor (..., 3, H, W) in [-1, 1]; the shapes 'latents'."""
-    # np.array makes a copy: PIL's arrays are read-only
-    return torch.from_numpy(np.array(img)).movedim(-1, -3).float() / 127.5 - 1
-
-
-def latent_to_image(x):
-    """float tensor (N, 3, H, W) in [-1, 1] -> uint8 numpy (N, H, W, 3), ready for score()."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

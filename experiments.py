@@ -7,7 +7,9 @@ The papers' experiments in miniature, each a real train.py run on the built-in d
     python experiments.py tune [--names half,b32] [--seeds 0] [--threads 1]   # the default run's knobs
 
 The sweep's rows are fitted by `python scaling.py fit`. The ablations give every run the same training FLOPs
-(a cheaper variant takes more steps), >= 2 seeds each, and table each variant as mean +- half the range.
+(a cheaper variant takes more steps), >= 2 seeds each, and table each variant as mean +- half the range; the
+curve tables (masking256, unet_depth) record each run's accuracy along the way and report the FLOPs each
+variant needs to reach an accuracy (`--budget` raises their budget; `--device=cuda` runs them on a GPU).
 Every command resumes: rows already in its JSONL are not run again, and a run stopped part-way continues from
 its checkpoint.
 """
@@ -25,6 +27,7 @@ import numpy as np
 
 import data
 from model import PRESETS, flops_per_image, get_config, param_count
+from report import pyplot, save_figure
 from scaling import Help, fit_power_law, load_rows, read_jsonl
 
 # -----------------------------------------------------------------------------
@@ -55,7 +58,17 @@ def run_train(run_dir, flags, extra_args=()):
     times = {k: finals[-1][k] for k in ("data_s", "train_s", "eval_s") if k in finals[-1]}
     return dict(final_loss=finals[-1]["val_loss"], acc_shape=accs[0], acc_colour=accs[1],
                 acc_position=accs[2], acc_mean=sum(accs) / 3, **times,
-                wall_s=round(time.time() - t0, 1))
+                wall_s=round(time.time() - t0, 1), curve=read_curve(log))
+
+
+def read_curve(log):
+    """A run's evaluations from its log.jsonl, in step order, the final one last: [{step, samples, flops,
+    val_loss, acc_shape, acc_colour, acc_position, acc_mean, eval_s, final}] (the FLOPs are the training FLOPs
+    of the steps before it, as train.py counts them; a point redone after a resume is kept once, the last)."""
+    keys = ("step", "samples", "flops", "val_loss", "acc_shape", "acc_colour", "acc_position", "acc_mean",
+            "eval_s", "final")
+    points = {r["step"]: {k: r[k] for k in keys if k in r} for r in read_jsonl(log) if "flops" in r}
+    return [points[s] for s in sorted(points)]
 
 
 def append_jsonl(path, row):
@@ -110,15 +123,16 @@ ABLATION_DATASET_SIZE = 40_000
 ABLATION_UNMASKED = 0.1  # fraction of a masked run's steps trained unmasked at its end (recipe: 30K of 280K)
 # A variant's training FLOPs are those of its `ref` variant x `budget`; a reference (ref None) takes `steps` x
 # --base-steps steps; `steps_of` gives it the same steps as another variant instead (the equal-steps framing).
-# `data`: train.py's options of the built-in dataset. `eval`: train.py's evaluation options, where a table
-# scores fewer captions with fewer sampler steps (64 x 12 instead of 128 x 18: a third of the cost) because
-# its models' sampling costs as much as their training (256 tokens, or a UNet at full resolution).
+# `data`: train.py's options of the built-in dataset. `eval`: train.py's evaluation options, where a table's
+# models cost as much to sample as to train (256 tokens, or a UNet at full resolution): CURVE_EVAL.
 BASE = dict(model="MicroDiT_S", mask_ratio=0.75, model_args={}, budget=1.0, ref="deferred75", steps=1.0,
             steps_of=None, data={}, eval={})
-CHEAP_EVAL = dict(eval_n=64, eval_steps=12)
-S_2 = dict(model="MicroDiT_S_2", ref="deferred256", eval=CHEAP_EVAL)  # 256 tokens, the mixer 43% at mask 0.75
+# The curve tables' evaluations: along the way on the first 32 of the 128 held-out captions, at the end on all
+# 128; 12 Heun steps (not 18) in both, as sampling these models costs as much as training them
+CURVE_EVAL = dict(eval_n=128, curve_n=32, eval_steps=12)
+S_2 = dict(model="MicroDiT_S_2", ref="deferred256", eval=CURVE_EVAL)  # 256 tokens, the mixer 43% at mask 0.75
 UNET_C = dict(model="UNet_S", mask_ratio=0.0, model_args=dict(base_channels=24, head_dim=24),
-              eval=CHEAP_EVAL)  # 2.36M params
+              eval=CURVE_EVAL)  # 2.36M params
 VARIANTS = {  # name -> what differs from BASE
     "deferred75": dict(ref=None),
     "nomask": dict(mask_ratio=0.0),
@@ -133,17 +147,15 @@ VARIANTS = {  # name -> what differs from BASE
     "unet": dict(model="UNet_S", mask_ratio=0.0),  # 4.2M parameters against MicroDiT_S's 3.9M
     "quarter": dict(budget=0.25),
     "half": dict(budget=0.5),
-    # masking256: MicroDiT_S_2, whose deferred run is 250 steps (of the default 1,000 --base-steps): ~8 min
-    # on one core (1.75 s per masked step of 32)
+    # masking256: MicroDiT_S_2, whose deferred run is 250 steps (of the default 1,000 --base-steps) x the
+    # budget: ~8 min per x1 on one core (1.75 s per masked step of 32)
     "deferred256": {**S_2, "ref": None, "steps": 0.25},
     "nomask256": {**S_2, "mask_ratio": 0.0},
     "naive256": {**S_2, "model_args": dict(mixer_depth=0)},
     # unmasked, 0.73M parameters: 0.85 training GFLOPs per image against the masked steps' 0.83
     "small256": {**S_2, "mask_ratio": 0.0, "model_args": dict(dim=64, depth=6, mixer_depth=0)},
-    "deferred256_steps": {**S_2, "steps_of": "nomask256"},
-    "naive256_steps": {**S_2, "model_args": dict(mixer_depth=0), "steps_of": "nomask256"},
     # unet_depth: about equal parameters (2.40M vs 2.36M), one deeper in transformer blocks, one wider
-    "unet_c": {**UNET_C, "ref": None, "steps": 0.2},  # 200 steps, ~1.0 s each on one core
+    "unet_c": {**UNET_C, "ref": None, "steps": 0.2},  # 200 steps x --budget, ~1.0 s each on one core
     "unet_td": {**UNET_C, "ref": "unet_c",
                 "model_args": dict(base_channels=16, head_dim=16, transformer_depth=(0, 1, 5), mid_depth=5)},
     # data: the deferred75 run's model and steps on other training sets (evaluated on the same full captions)
@@ -172,13 +184,10 @@ ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
                 [("C/4", "quarter"), ("C/2", "half"), ("C", "deferred75")]),
     "masking256": ("At MicroDiT_XL_2's proportions (256 tokens, a backbone 4x deeper than the mixer, the "
                    "mixer 43% of the forward FLOPs at 75% masking; XL_2: 38%), deferred masking beats "
-                   "naive masking, no masking and a smaller unmasked model at equal FLOPs (MicroDiT paper); "
-                   "the last two rows give the masked runs the unmasked run's steps",
+                   "naive masking, no masking and a smaller unmasked model at equal FLOPs (MicroDiT paper)",
                    [("no masking", "nomask256"), ("naive 75% masking, no patch-mixer", "naive256"),
                     ("deferred 75% masking, patch-mixer", "deferred256"),
-                    ("smaller model (dim 64, 6 blocks), no masking", "small256"),
-                    ("naive 75%, equal steps", "naive256_steps"),
-                    ("deferred 75%, equal steps", "deferred256_steps")]),
+                    ("smaller model (dim 64, 6 blocks), no masking", "small256")]),
     "unet_depth": ("More transformer blocks at the low-resolution levels beat more channels at about equal "
                    "parameters (scaling paper, Table 1's TD vs C UNets), at equal FLOPs",
                    [("deeper: C 16, transformer depth (0, 1, 5), middle 5", "unet_td"),
@@ -192,6 +201,20 @@ ABLATION_TABLES = {  # name -> (the papers' claim, [(row label, variant)])
 ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", "params", "steps",
                  "unmasked_steps", "images", "flops", "final_loss", "acc_shape", "acc_colour", "acc_position",
                  "acc_mean", "wall_s")
+# The curve tables: every run evaluates about CURVE_POINTS times along the way (eval_every = steps / 8),
+# each record with the training FLOPs so far, so that one run gives a curve of accuracy against FLOPs. A
+# table's budget is its base runs' steps x `budget` (--budget overrides it): x8 is an estimate from the x1
+# runs (their leading variants reached mean accuracy 0.49 and 0.21), to be raised until the leading variant
+# passes 0.8. The learning rate is warmup-stable-decay (train.py's wsd), the decay over the last DECAY of
+# the steps: a point before the decay reads as the end of a shorter run less its decay (a lower bound), where
+# under a cosine every point but the last is a run still at a high learning rate. `claimed`: the variant the
+# claim says wins; `equal_steps`: the variant at whose step count the report reads every curve (the claim's
+# equal-steps framing, read off the curves instead of runs of their own).
+CURVE_TABLES = {"masking256": dict(claimed="deferred256", equal_steps="nomask256", budget=8.0),
+                "unet_depth": dict(claimed="unet_td", equal_steps=None, budget=8.0)}
+CURVE_POINTS = 8
+DECAY = 0.2
+THRESHOLDS = (0.5, 0.8)  # the mean accuracies whose FLOPs the report gives; a verdict needs the last passed
 
 
 def model_args_text(overrides):
@@ -204,36 +227,38 @@ def model_args_text(overrides):
     return ",".join(parts)
 
 
-def ablation_runs(tables, seeds=None, base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH):
+COUNTED = {}  # the FLOP counter runs the model on the meta device, ~1 s a call: each config once a process
+
+
+def ablation_runs(tables, seeds=None, base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH, budget=None):
     """The runs the tables need, each once: {run: dict(variant, seed, model, mask_ratio, model_args, data,
-    steps, ...)}; seeds: every table's, or None for each table's own (TABLE_SEEDS, else ABLATION_SEEDS)."""
+    steps, ...)}; seeds: every table's, or None for each table's own (TABLE_SEEDS, else ABLATION_SEEDS);
+    budget: the curve tables' multiplier of their steps, or None for each one's own (CURVE_TABLES)."""
     unknown = [t for t in tables if t not in ABLATION_TABLES]
     if unknown:
         raise ValueError(f"ablate: unknown tables {unknown}; choose from {list(ABLATION_TABLES)}")
 
-    counted = {}  # the FLOP counter runs the model on the meta device, ~1 s a call: each config once
-
     def flops(cfg, mask_ratio):  # training FLOPs per image at one mask ratio, with the built-in 24 tokens
         key = (repr(cfg), mask_ratio)
-        if key not in counted:
-            counted[key] = flops_per_image(cfg, mask_ratio, train=True, caption_len=24)
-        return counted[key]
+        if key not in COUNTED:
+            COUNTED[key] = flops_per_image(cfg, mask_ratio, train=True, caption_len=24)
+        return COUNTED[key]
 
     def per_image(cfg, mask_ratio):  # training FLOPs per image, averaged over the masked and unmasked steps
         if not mask_ratio:
             return flops(cfg, 0.0)
         return (1 - ABLATION_UNMASKED) * flops(cfg, mask_ratio) + ABLATION_UNMASKED * flops(cfg, 0.0)
 
-    def plan(variant):  # (config, steps, unmasked steps, training FLOPs) of one run of the variant
+    def plan(variant, scale):  # (config, steps, unmasked steps, training FLOPs) of one run of the variant
         spec = {**BASE, **VARIANTS[variant]}
         cfg = replace(get_config(spec["model"]), **spec["model_args"])
         f_avg = per_image(cfg, spec["mask_ratio"])
         if spec["steps_of"]:
-            steps = plan(spec["steps_of"])[1]
+            steps = plan(spec["steps_of"], scale)[1]
         elif spec["ref"]:  # the reference's FLOPs x budget, in whole steps
-            steps = round(spec["budget"] * plan(spec["ref"])[3] / (f_avg * batch_size))
+            steps = round(spec["budget"] * plan(spec["ref"], scale)[3] / (f_avg * batch_size))
         else:
-            steps = round(spec["steps"] * base_steps)
+            steps = round(spec["steps"] * base_steps * scale)
         steps = max(1, steps)
         unmasked = round(ABLATION_UNMASKED * steps) if spec["mask_ratio"] else 0
         # one image's FLOPs through all the steps, masked then unmasked; times the batch
@@ -242,23 +267,30 @@ def ablation_runs(tables, seeds=None, base_steps=ABLATION_BASE_STEPS, batch_size
 
     runs = {}
     for t in tables:
+        scale = (budget or CURVE_TABLES[t]["budget"]) if t in CURVE_TABLES else 1.0
         for _, variant in ABLATION_TABLES[t][1]:
             spec = {**BASE, **VARIANTS[variant]}
-            cfg, steps, unmasked, run_flops = plan(variant)
+            cfg, steps, unmasked, run_flops = plan(variant, scale)
+            curve = {}  # a curve table's run: evaluations along the way, wsd, the budget in its name
+            if t in CURVE_TABLES:
+                curve = dict(budget=scale, lr_schedule="wsd", decay_steps=max(1, round(DECAY * steps)),
+                             eval_every=max(1, steps // CURVE_POINTS), curve_n=spec["eval"]["curve_n"])
             for seed in seeds or TABLE_SEEDS.get(t, ABLATION_SEEDS):
                 texts = {k: model_args_text(spec[k]) for k in ("model_args", "data", "eval")}
-                runs[f"{variant}_s{seed}"] = dict(
+                runs[f"{variant}_x{scale:g}_s{seed}" if curve else f"{variant}_s{seed}"] = dict(
                     variant=variant, seed=seed, model=spec["model"], mask_ratio=spec["mask_ratio"], **texts,
                     params=param_count(cfg), steps=steps, unmasked_steps=unmasked, images=steps * batch_size,
-                    flops=run_flops)
+                    flops=run_flops, **curve)
     return runs
 
 
 def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=None, jobs=2,
            base_steps=ABLATION_BASE_STEPS, batch_size=ABLATION_BATCH, run_root="out/ablate",
-           data_root="data_cache", dataset_size=ABLATION_DATASET_SIZE, train_args=()):
-    """Train and evaluate every run the tables need, `jobs` at a time; one JSON line per finished run."""
-    runs = ablation_runs(tables, seeds, base_steps, batch_size)
+           data_root="data_cache", dataset_size=ABLATION_DATASET_SIZE, train_args=(), budget=None,
+           device="auto"):
+    """Train and evaluate every run the tables need, `jobs` at a time, on train.py's --device; one JSON line
+    per finished run."""
+    runs = ablation_runs(tables, seeds, base_steps, batch_size, budget)
     done = set()  # an interrupted ablation resumes: finished runs are not repeated
     if os.path.exists(out_path):
         done = {r["run"] for r in read_jsonl(out_path)}
@@ -288,6 +320,8 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=None, jobs=2,
                      threads=threads, ckpt_every=r["steps"])
         flags.update(options(r))
         flags.update(VARIANTS[r["variant"]].get("eval", {}))
+        flags.update({k: r[k] for k in ("lr_schedule", "decay_steps", "eval_every") if k in r})
+        flags["device"] = device
         results = run_train(os.path.join(run_root, name), flags, train_args)
         row = dict(run=name, **r, **results)
         with lock:
@@ -306,8 +340,9 @@ def ablate(out_path, tables=tuple(ABLATION_TABLES), seeds=None, jobs=2,
             raise
 
 
-def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
-    """Markdown tables: each row a variant, its numbers the mean +- half the range over seeds."""
+def ablation_tables(rows, tables=tuple(ABLATION_TABLES), budget=None, plot_dir=None):
+    """Markdown tables: each row a variant, its numbers the mean +- half the range over seeds; a curve table's
+    report instead (curve_report, its plot in plot_dir)."""
     by_variant = {}
     for r in rows:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -318,6 +353,9 @@ def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
 
     out = []
     for t in tables:
+        if t in CURVE_TABLES:
+            out += curve_report(t, rows, budget, plot_dir)
+            continue
         claim, table_rows = ABLATION_TABLES[t]
         out += [f"### {t}", "", f"Claim: {claim}.", "",
                 "| variant | params | train GFLOPs | steps (unmasked) | seeds | val loss (mask 0) | shape | "
@@ -345,6 +383,128 @@ def ablation_tables(rows, tables=tuple(ABLATION_TABLES)):
                         "The paper: TIFA S = 0.47 C^0.02."]
         out.append("")
     return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# The curve tables' report: the FLOPs each variant needs to reach an accuracy, read off its runs' curves,
+# and a verdict only where the budget can decide it
+
+
+def flops_to(curve, threshold):
+    """The training FLOPs at a run's first evaluation whose mean accuracy reaches threshold; inf if none does
+    (an upper bound at the curve's resolution: the point before it had not reached it)."""
+    return next((p["flops"] for p in curve if p.get("acc_mean", 0) >= threshold), np.inf)
+
+
+def verdict(finals, claimed, bar=THRESHOLDS[-1]):
+    """(verdict, why) from {variant: its seeds' final mean accuracies}. Drawn only where the leading
+    variant's median passed `bar`; a gap counts only beyond the seeds' spread: every seed of one variant above
+    every seed of the other."""
+    median = {v: float(np.median(a)) for v, a in finals.items()}
+    lead = max(median, key=median.get)
+    if median[lead] < bar:
+        return "undecided at this budget", f"the leading variant, {lead}, reached {median[lead]:.3f} < {bar}"
+    above = lambda a, b: min(finals[a]) > max(finals[b])
+    rivals = [v for v in finals if v != claimed]
+    if all(above(claimed, v) for v in rivals):
+        return "reproduced", f"every seed of {claimed} above every seed of {', '.join(rivals)}"
+    if beaters := [v for v in rivals if above(v, claimed)]:
+        return "not reproduced", f"every seed of {', '.join(beaters)} above every seed of {claimed}"
+    tied = [v for v in rivals if not above(claimed, v)]
+    return "undecided at this budget", f"{claimed}'s seeds overlap those of {', '.join(tied)}"
+
+
+def curve_report(t, rows, budget=None, plot_dir=None):
+    """A curve table's report, as markdown lines: per variant its seeds, final accuracy (on all eval_n
+    captions), the FLOPs to each of THRESHOLDS, the accuracy at the equal-steps variant's step count and the
+    cost of the evaluations along the way; the verdict; the plot of accuracy against FLOPs in plot_dir.
+    budget: the runs' budget to report, or None for the largest that has rows."""
+    claim, table_rows = ABLATION_TABLES[t]
+    spec, variants = CURVE_TABLES[t], [v for _, v in table_rows]
+    mine = [r for r in rows if r["variant"] in variants and "budget" in r and r.get("curve")]
+    budget = budget or max((r["budget"] for r in mine), default=spec["budget"])
+    by_variant = {v: [r for r in mine if r["variant"] == v and r["budget"] == budget] for v in variants}
+    out = [f"### {t}, budget x{budget:g}", "", f"Claim: {claim}.", ""]
+    if not any(by_variant.values()):
+        return out + [f"No runs with curves at budget x{budget:g} yet: `python experiments.py ablate "
+                      f"--tables={t} --budget={budget:g}` runs them.", ""]
+    eq = by_variant.get(spec["equal_steps"]) or [{}]
+    eq_steps = eq[0].get("steps")
+    head = ["variant", "seeds", "steps", "final mean accuracy: median (range)", "val loss: median",
+            *(f"FLOPs to {x}: median" for x in THRESHOLDS)]
+    head += [f"mean accuracy at {eq_steps} steps"] * bool(eq_steps) + ["evaluations along the way"]
+    out += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for label, v in table_rows:
+        rs = by_variant[v]
+        if not rs:
+            out.append(f"| {label} | not run |" + " |" * (len(head) - 2))
+            continue
+        acc = [r["acc_mean"] for r in rs]
+        cells = [label, len(rs), rs[0]["steps"], f"{np.median(acc):.3f} ({min(acc):.3f}-{max(acc):.3f})",
+                 f"{np.median([r['final_loss'] for r in rs]):.4f}"]
+        for x in THRESHOLDS:  # inf (not reached) counts in the median: most seeds must reach it
+            reached = [flops_to(r["curve"], x) for r in rs]
+            n = f"{np.isfinite(reached).sum()}/{len(rs)} seeds"
+            cells.append(f"{np.median(reached):.3g} ({n})" if np.isfinite(np.median(reached)) else
+                         f"not reached ({n})")
+        if eq_steps:  # the last evaluation at or before that step count
+            points = [max((p for p in r["curve"] if p["step"] <= eq_steps), key=lambda p: p["step"],
+                          default={}) for r in rs]
+            seen = [p for p in points if p]
+            cells.append(f"{np.median([p['acc_mean'] for p in seen]):.3f} (step {seen[0]['step']})" if seen
+                         else "-")
+        cells.append(evaluation_cost(rs))
+        out.append("| " + " | ".join(map(str, cells)) + " |")
+    evals = sorted({r.get("eval") or "train.py's defaults" for rs in by_variant.values() for r in rs})
+    out += ["", f"Each run evaluates every eval_every steps on the first curve_n held-out captions, and at "
+            f"its end on all eval_n ({'; '.join(evals)}): the final accuracy is the last evaluation's."]
+    finals = {v: [r["acc_mean"] for r in rs] for v, rs in by_variant.items()}
+    seeds = len(TABLE_SEEDS[t])
+    if short := [v for v in variants if len(finals[v]) < seeds]:
+        word, why = "undecided at this budget", f"fewer than {seeds} seeds of {', '.join(short)}"
+    else:
+        word, why = verdict(finals, spec["claimed"])
+    out += ["", f"Verdict: **{word}** ({why}). A verdict is drawn only where the leading variant's median "
+            f"final mean accuracy passed {THRESHOLDS[-1]}, and a gap counts only where every seed of one "
+            f"variant is above every seed of the other. FLOPs to an accuracy: the first evaluation that "
+            f"reached it."]
+    if plot_dir is not None:
+        path = os.path.join(plot_dir, f"{t}_curves.png")
+        plot_curves(t, table_rows, by_variant, path)
+        out += ["", f"Plot: {path}"]
+    return out + [""]
+
+
+def evaluation_cost(rs):
+    """The evaluations along the way of a variant's runs: how many, and their median wall clock as a fraction
+    of the training loop's time without them."""
+    along = [[p for p in r["curve"] if not p.get("final")] for r in rs]
+    spent = [sum(p.get("eval_s", 0) for p in a) for a in along]
+    share = [s / (r["train_s"] - s) for s, r in zip(spent, rs) if r.get("train_s", 0) > s]
+    return f"{len(along[0])}" + (f": {np.median(share):.0%} of the training time" if share else "")
+
+
+def plot_curves(t, table_rows, by_variant, path):
+    """Mean accuracy against training FLOPs, one line per variant: the median over seeds, the band their
+    range (the points along the way on curve_n captions, the last on all eval_n)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for label, v in table_rows:
+        rs = by_variant[v]
+        if not rs:
+            continue
+        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in rs)))  # every seed's
+        at = [{p["step"]: p for p in r["curve"]} for r in rs]
+        flops = [at[0][s]["flops"] for s in steps]
+        acc = np.array([[a[s].get("acc_mean", np.nan) for s in steps] for a in at])  # (seeds, points)
+        line, = ax.plot(flops, np.median(acc, 0), "o-", ms=3, label=label)
+        ax.fill_between(flops, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2, lw=0)
+    for x in THRESHOLDS:
+        ax.axhline(x, color="grey", lw=0.6, ls=":")
+    ax.set(xlabel="training FLOPs", ylabel="mean accuracy, held-out captions", ylim=(0, 1.02),
+           title=f"{t}: median and range over seeds")
+    ax.legend(fontsize=6, loc="upper left")
+    save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -464,6 +624,11 @@ def main(argv=None):
     a.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cpu_count/jobs threads")
     a.add_argument("--base-steps", type=int, default=ABLATION_BASE_STEPS,
                    help="the budget C, in base-run steps")
+    a.add_argument("--budget", type=float, default=None, help="the curve tables' budget, a multiple of their "
+                   "base runs' steps; None: each table's own (" + ", ".join(
+                       f"{t} x{c['budget']:g}" for t, c in CURVE_TABLES.items()) + "); with --report: the "
+                   "budget to report, None: the largest that has rows")
+    a.add_argument("--device", default="auto", help="train.py's --device for every run: auto, cpu, cuda, ...")
     a.add_argument("--run-root", default="out/ablate", help="one train.py out_dir per run below it")
     a.add_argument("--data-root", default="data_cache", help="one built-in dataset per seed below it")
     a.add_argument("--dataset-size", type=int, default=ABLATION_DATASET_SIZE, help="built-in dataset size")
@@ -487,15 +652,19 @@ def main(argv=None):
         if args.cmd == "tune":
             if not all(x.strip().isdigit() for x in args.seeds.split(",")) or args.threads < 0:
                 p.error("tune: --seeds must be comma-separated integers and --threads >= 0")
+            names = [n for n in args.names.split(",") if n]
+            if unknown := [n for n in names if n not in TUNING]:
+                p.error(f"tune: unknown --names {unknown}; choose from {', '.join(TUNING)}")
             if not args.report:
-                tune(args.out, [n for n in args.names.split(",") if n],
-                     [int(x) for x in args.seeds.split(",")], args.threads, args.run_root)
+                tune(args.out, names, [int(x) for x in args.seeds.split(",")], args.threads, args.run_root)
             print(tuning_table(load_rows(args.out, TUNE_KEYS)))
             return
         tables = [t for t in args.tables.split(",") if t]
         unknown = [t for t in tables if t not in ABLATION_TABLES]
         if unknown:
             p.error(f"ablate: unknown --tables {unknown}; choose from {', '.join(ABLATION_TABLES)}")
+        if args.budget is not None and not args.budget > 0:
+            p.error(f"ablate: --budget must be > 0, got {args.budget}")
         if not args.report:
             if args.seeds and not all(x.strip().isdigit() for x in args.seeds.split(",")):
                 p.error(f"ablate: --seeds must be comma-separated integers, got {args.seeds!r}")
@@ -504,10 +673,12 @@ def main(argv=None):
             seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
             ablate(args.out, tables, seeds, args.jobs, args.base_steps,
                    run_root=args.run_root, data_root=args.data_root, dataset_size=args.dataset_size,
-                   train_args=args.train_args.split())
-        print(ablation_tables(load_rows(args.out, ABLATION_KEYS), tables))
-    except (ValueError, OSError, RuntimeError) as e:  # a failed or stopped run: one line, the rows kept
-        p.exit(2, f"experiments.py: error: {e}\n")
+                   train_args=args.train_args.split(), budget=args.budget, device=args.device)
+        print(ablation_tables(load_rows(args.out, ABLATION_KEYS), tables, args.budget,
+                              plot_dir=os.path.dirname(args.out) or "."))
+    except (ValueError, OSError, RuntimeError) as e:  # one line, the rows kept: exit 2 for a file the command
+        # names that is not there (--report), 1 for a failed or stopped run or damaged rows
+        p.exit(2 if isinstance(e, FileNotFoundError) else 1, f"experiments.py: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import atomic_write, hub_file, load_state_dict, read_json, read_weights, write_json
-from encoders import OPENAI_CLIP_L, clip_preprocess, load_clip
+from config import UsageError
+from encoders import OPENAI_CLIP_L, check_hub, clip_preprocess, load_clip
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch.hub naming: name-<sha256 prefix>.pth
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
@@ -262,6 +262,7 @@ def fetch_weights(weights=None, repo_id=None, cache_dir=None):
     """Local path of the weights: a file, a URL (default: the release) cached in cache_dir,
     or a file of a Hub repo."""
     if repo_id is not None:  # `weights` is then the file name inside the repo
+        check_hub(repo_id, "--weights PATH (a local file, without --weights-repo)")
         path = hub_file(repo_id, weights or FID_WEIGHTS_NAME)
         if path is None:
             raise FileNotFoundError(f"{repo_id}: no {weights or FID_WEIGHTS_NAME} in this Hub repo")
@@ -317,12 +318,6 @@ def load_inception(weights=None, repo_id=None, cache_dir=None, device="cpu"):
 FID_MODES = ("bilinear", "clean")
 
 
-def read_lines(path):
-    """The lines of a captions file (line i: the caption of image i), split as sample.py splits them."""
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
-
-
 def list_images(folder):
     """The images of a folder: a sample folder (with sample.py's prompts.txt) has 000000.png, 000001.png, ...,
     one per line, and nothing else counts (grid.png); any other folder: every image file directly inside
@@ -332,7 +327,7 @@ def list_images(folder):
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder of images: {folder}")
     if prompts.is_file():
-        files = [folder / f"{i:06d}.png" for i in range(len(read_lines(prompts)))]
+        files = [folder / f"{i:06d}.png" for i in range(len(prompts.read_text("utf-8").splitlines()))]
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: no such image, but {prompts} describes {len(files)} "
@@ -456,8 +451,8 @@ def compute_stats(folder, net, batch_size=50, device="cpu", workers=0, resize="b
         raise ValueError(f"{folder}: FID needs at least 2 images to estimate a covariance, "
                          f"found {len(files)}")
     if len(files) < 2048:
-        warnings.warn(f"{folder}: only {len(files)} images; with fewer than 2048 the feature covariance is "
-                      f"singular and FID is biased high (the COCO protocol uses 30K)", stacklevel=2)
+        print(f"warning: {folder}: only {len(files)} images; with fewer than 2048 the feature covariance is "
+              f"singular and FID is biased high (the COCO protocol uses 30K)", file=sys.stderr)
     load = functools.partial(load_image, resize=resize, crop=crop)
     stats = None
     with torch.inference_mode(), tqdm(total=len(files), unit="img", desc=f"FID features {folder}",
@@ -475,7 +470,7 @@ def save_stats(path, mu, sigma, mode="bilinear"):
     """Write mu, sigma and the FID mode to an .npz (pytorch-fid's format, plus `mode`), atomically."""
     path = Path(path)
     if path.suffix != ".npz":
-        raise ValueError(f"statistics file must end in .npz: {path}")
+        raise UsageError(f"statistics file must end in .npz: {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # a file object, so numpy does not append its own .npz
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
@@ -485,6 +480,8 @@ def save_stats(path, mu, sigma, mode="bilinear"):
 def load_stats(path):
     """(mu, sigma, mode), mu and sigma in float64, from an .npz written by save_stats or by pytorch-fid (which
     has no `mode`: its own, "bilinear")."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such statistics file")
     try:
         f = np.load(path)  # allow_pickle=False: arrays only
     except (OSError, ValueError, zipfile.BadZipFile) as e:
@@ -501,7 +498,7 @@ def load_stats(path):
 def check_modes(a, mode_a, b, mode_b):
     """Refuse to compare statistics made in two FID modes: the distance would mix two preprocessings."""
     if mode_a != mode_b:
-        raise ValueError(f"{a} is in FID mode {mode_a!r} and {b} in mode {mode_b!r}: FIDs of different modes "
+        raise UsageError(f"{a} is in FID mode {mode_a!r} and {b} in mode {mode_b!r}: FIDs of different modes "
                          f"are not comparable; make both with the same --resize")
 
 
@@ -554,7 +551,7 @@ def images_and_captions(folder, captions=None):
         raise FileNotFoundError(f"{path}: no such captions file")
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no prompts.txt; give --captions FILE, line i for the i-th image")
-    lines = read_lines(path)
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # split as sample.py splits its prompts
     if len(lines) != len(files):
         raise ValueError(f"{path}: {len(lines)} captions for the {len(files)} images of {folder}")
     return files, lines
@@ -587,7 +584,7 @@ def coco_captions(annotations, num=30000, seed=0):
     with open(annotations) as f:
         anns = json.load(f)["annotations"]
     if num > len(anns):
-        raise ValueError(f"{annotations}: asked for {num} captions, the file has {len(anns)}")
+        raise UsageError(f"{annotations}: asked for {num} captions, the file has {len(anns)}")
     # a fixed order first, so that a seed always picks the same captions
     anns = sorted(anns, key=lambda a: a["id"])
     # whitespace collapsed: no stray newlines
@@ -725,6 +722,7 @@ def clip_score_main(argv):
     """CLI: python fid.py clip-score FOLDER [--captions FILE] [--weights REPO_OR_DIR] [--out RESULT.json]"""
     args = clip_score_parser().parse_args(argv)
     files, captions = images_and_captions(args.folder, args.captions)
+    check_hub(args.weights, "--weights DIR")
     clip = load_clip(args.weights, device=args.device)
     score = clip_score(files, captions, clip, args.batch_size, args.device, args.workers)
     print(f"CLIP score: {score:.4f} ({len(files)} images, {args.weights})")
@@ -756,6 +754,7 @@ def protocol_main(argv):
     mu_ref, sigma_ref, mode = load_stats(args.ref_stats)
     check_modes(args.samples, args.resize, args.ref_stats, mode)  # before any network is loaded
     files, captions = images_and_captions(args.samples)
+    check_hub(args.clip_weights, "--clip-weights DIR")  # before the FID features are computed
     torch.backends.cudnn.allow_tf32 = False
     net = load_inception(args.weights, args.weights_repo, device=args.device)
     mu, sigma = compute_stats(args.samples, net, args.batch_size, args.device, args.workers, args.resize,
@@ -795,5 +794,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as e:  # bad input, a missing file, no network: one line, no traceback
-        sys.exit(f"fid.py: error: {e}")
+    except (ValueError, OSError) as e:  # one line, no traceback
+        # exit 2: the command must change (a bad value, an input that is not there); 1: the job failed
+        print(f"fid.py: error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, (UsageError, FileNotFoundError)) else 1)

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from config import UsageError
 from model import Block, IFAttention, Resample, ResBlock, TransformerBlock
 
 CACHE = Path(os.environ.get("MICRODIT_CACHE", Path.home() / ".cache" / "microdit"))  # this machine's figures
@@ -54,7 +55,7 @@ def default_threads():
 
 
 def check_device(device):
-    """A one-line error for a device this machine does not have."""
+    """A one-line error (a UsageError) for a device this machine does not have."""
     kind = "auto"
     if device != "auto":
         try:
@@ -62,14 +63,14 @@ def check_device(device):
         except RuntimeError:
             kind = "unknown"
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}: no CUDA device here (torch {torch.__version__}, "
+        raise UsageError(f"--device={device}: no CUDA device here (torch {torch.__version__}, "
                          f"cuda available: False); use --device=cpu or auto")
     index = torch.device(device).index if kind == "cuda" else None
     if index is not None and index >= torch.cuda.device_count():
-        raise ValueError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA devices")
+        raise UsageError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA devices")
     mps = kind == "mps" and torch.backends.mps.is_available()
     if kind not in ("auto", "cpu", "cuda") and not mps:
-        raise ValueError(f"--device={device}: expected auto, cpu, cuda, cuda:N (or mps where available)")
+        raise UsageError(f"--device={device}: expected auto, cpu, cuda, cuda:N (or mps where available)")
 
 
 class StopSignals:
@@ -96,6 +97,15 @@ class StopSignals:
     def restore(self):
         for sig, handler in self.handlers.items():  # signals act as usual again
             signal.signal(sig, handler)
+
+
+def agree(ddp, device, stop_requested, bad):
+    """(stopping, bad) as the ranks agree: a signal may reach them at different steps, and a loss may be
+    non-finite on one rank only, so a flag raised on any rank holds on every rank."""
+    flags = torch.stack([torch.tensor(float(stop_requested), device=device), bad.float()])
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()]  # (stopping, bad)
 
 
 def ignore_stop_signals(worker_id):

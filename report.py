@@ -1,15 +1,17 @@
 """
-What a run reports: its price in GPU-hours and dollars, and its curves.
+What a run reports: its plan and price in GPU-hours and dollars, and its curves.
 
-train.py prices every run before it starts and draws its curves when it ends; scaling.py prices the whole
-MicroDiT recipe with the same figures (`python scaling.py cost`). Both read them here, so that the training
-script does not load the scaling laws' machinery (and the encoders, FID and memory models behind it).
+train.py prints each run's plan and price before it starts and draws its curves when it ends; scaling.py
+prices the whole MicroDiT recipe with the same figures (`python scaling.py cost`). Both read them here, so
+that the training script does not load the scaling laws' machinery (and the encoders, FID and memory models
+behind it).
 """
 import json
 
 import numpy as np
 
 from checkpoint import atomic_write
+from model import num_params
 
 # -----------------------------------------------------------------------------
 # price
@@ -28,6 +30,25 @@ def gpu_hours(flops, gpu_peak=H100_BF16_PEAK, mfu=DEFAULT_MFU):
 
 def dollars(hours, price=PRICE_PER_GPU_HOUR):
     return hours * price
+
+
+def print_plan(cfg, run, net, flops_at, mask_at, step):
+    """What a train.py run is, before its first step: the model, its FLOPs and price, the device and the batch
+    arithmetic (cfg: train.py's TrainConfig; run: its Run; flops_at: training FLOPs per image, by mask)."""
+    total = sum(flops_at[mask_at(s)] for s in range(step, cfg.max_steps)) * cfg.batch_size
+    unmasked = ""
+    if cfg.unmasked_steps and cfg.mask_ratio:
+        unmasked = f", the last {cfg.unmasked_steps} steps unmasked"
+    bf16 = " bf16" if run.bf16 else ""
+    print(f"model {cfg.model}: {num_params(net):,} parameters, {flops_at[cfg.mask_ratio] / 1e9:.2f} training "
+          f"GFLOPs per image at mask ratio {cfg.mask_ratio}{unmasked}; device {run.device}{bf16}, "
+          f"peak {run.peak / 1e12:.2f} TFLOP/s (measured matmul)")
+    # (`python scaling.py cost` prices the whole recipe, at any MFU and price)
+    print(f"this run: {total:.2e} training FLOPs, {gpu_hours(total):.2g} H100-hours = "
+          f"${dollars(gpu_hours(total)):.2g} at {DEFAULT_MFU:.0%} MFU and ${PRICE_PER_GPU_HOUR}/hour "
+          f"(scaling.py)")
+    print(f"batch {cfg.batch_size} = {run.world} ranks x {run.grad_accum} accumulation x {run.micro_batch} "
+          f"micro-batch; {run.lanes} data lanes")
 
 # -----------------------------------------------------------------------------
 # curves: a run's log.jsonl (train.py) and a sweep's results (experiments.py) are JSON lines

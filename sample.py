@@ -2,7 +2,7 @@
 Sample images from a checkpoint: the deterministic EDM sampler (Karras et al. 2022, Algorithm 2:
 Heun's 2nd-order method on the Karras schedule) with classifier-free guidance.
 
-    python sample.py --ckpt out/default --prompt "a red circle on the left" --n 8
+    python sample.py --ckpt out/default --prompt "a red circle on the left" --n 8 --out out/red
     torchrun --nproc_per_node=8 sample.py --ckpt CKPT --prompts-file out/coco30k.txt --out out/coco30k
 
 The output folder holds one job, and only its images besides two text files, so fid.py can read it as is:
@@ -14,13 +14,20 @@ the same command samples only the missing images; a folder of another job is ref
 its files first). Batches are fixed runs of --batch-size images, so the folder comes out byte-identical for
 any torchrun --nproc_per_node and any interruptions (another --batch-size can move a rare pixel by one level:
 float rounding). SIGTERM or Ctrl-C stop after the current batch, with exit code 128 + the signal (143, 130).
+Every prompt is checked before the folder is claimed: words the built-in text encoder does not know, and
+prompts longer than the text encoder reads (they are cut), are each said in one warning line. Errors are one
+line: exit code 2 for a command that must change (a bad flag or value, an input that is not there), 1 for a
+job that failed (a damaged checkpoint, no network, a full disk).
 """
 import argparse
+import contextlib
+import json
 import math
 import os
 import re
 import shlex
 import signal
+import string
 import sys
 
 import numpy as np
@@ -28,9 +35,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import atomic_write, load_pretrained, read_json, remove, resolve_checkpoint, write_json
-from encoders import PIXELS, latents_to_images, load_encoders
+import lock
+from checkpoint import atomic_write, load_pretrained, read_json, remove, resolve_checkpoint
+from config import UsageError
+from encoders import PIXELS, check_hub, latents_to_images, load_encoders, spec_repo
 from parallel import check_device, setup_distributed
+from shapes import VOCABULARY, BuiltinTextEncoder
 
 NUMBERED = re.compile(r"\d{6,}\.png")  # the images of a job: 000000.png, ..., 1000000.png
 # a job's files, and what a kill -9 amid an atomic write leaves of them
@@ -170,16 +180,18 @@ def prepare_folder(out, job, prompts, overwrite=False):
     differs = job_difference(out, job, prompts, have)
     if differs:
         if not overwrite:
-            raise ValueError(f"{out}/ holds another job: {differs}; pass --overwrite to delete its "
+            raise UsageError(f"{out}/ holds another job: {differs}; pass --overwrite to delete its "
                              f"{len(have)} images, sample.json, prompts.txt and {grid}; or another --out")
         for f in filter(JOB_FILE.fullmatch, os.listdir(out)):
             remove(f"{out}/{f}")
         remove(grid)
         have = {}
     if not os.path.exists(f"{out}/sample.json"):  # prompts first: sample.json marks a whole job
+        manifest = json.dumps(job, indent=2, allow_nan=False)  # strict JSON: a NaN raises, is never written
         with atomic_write(f"{out}/prompts.txt") as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write("".join(p + "\n" for p in prompts))
-        write_json(f"{out}/sample.json", job)
+        with atomic_write(f"{out}/sample.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(manifest)
     return [i for i in range(job["count"]) if i not in have]
 
 
@@ -232,10 +244,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def fail(message, code=2):
-    """A one-line error a user can act on (printed once, by rank 0 under torchrun), then exit."""
+    """A one-line error a user can act on (printed once, by rank 0 under torchrun), then exit: code 2 for a
+    command that must change (a bad flag or value, an input that is not there), 1 for a job that failed."""
     if os.environ.get("RANK", "0") == "0":
         print(f"sample.py: error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def warn(message):
+    """A one-line warning, printed once (by rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def parse_args(argv):
@@ -261,8 +280,11 @@ def parse_args(argv):
                     help="bf16 autocast of the network; auto: on CUDA, off on CPU")
     args = ap.parse_args(argv)
     for flag, low in (("n", 1), ("steps", 1), ("batch_size", 1), ("guidance", 0)):
-        if getattr(args, flag) < low:
-            fail(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
+        name, value = "--" + flag.replace("_", "-"), getattr(args, flag)
+        if not math.isfinite(value):  # nan and inf pass `value < low`, and would make black images
+            fail(f"{name} must be a finite number, got {value}")
+        if value < low:
+            fail(f"{name} must be >= {low}, got {value}")
     try:
         check_device(args.device)
     except ValueError as e:
@@ -272,23 +294,108 @@ def parse_args(argv):
 
 
 def read_prompts(args):
-    """The captions of --prompt then --prompts-file; each must be one non-empty line."""
+    """(caption, where it comes from) of each --prompt, then of each line of --prompts-file; each must be one
+    non-empty line."""
     prompts = [(p, f"--prompt number {k + 1}") for k, p in enumerate(args.prompt)]
     path = args.prompts_file
     if path:
-        try:
-            lines = read_lines(path)
+        if os.path.isdir(path):
+            fail(f"--prompts-file {path} is a directory, not a text file of prompts")
+        if not os.path.isfile(path):
+            fail(f"--prompts-file {path}: no such file")
+        try:  # utf-8-sig: the byte order mark some editors write first is not part of the first prompt
+            with open(path, encoding="utf-8-sig") as f:
+                lines = f.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             fail(f"--prompts-file {path}: cannot be read as UTF-8 text ({type(e).__name__})")
-        prompts += [(p.strip(), f"--prompts-file {path}: line {k + 1}") for k, p in enumerate(lines or [])]
-        if lines is None:
-            fail(f"--prompts-file {path}: no such file")
+        if not lines:
+            fail(f"--prompts-file {path} is empty: write one prompt per line")
+        prompts += [(p.strip(), f"--prompts-file {path}: line {k + 1}") for k, p in enumerate(lines)]
     for p, where in prompts:
         if not p.strip():
             fail(f"{where} is empty")
         if len(p.splitlines()) > 1:  # prompts.txt holds one caption per line
             fail(f"{where} holds a line break")
-    return [p for p, _ in prompts]
+    return prompts
+
+
+def listing(items, width=100):
+    """The items joined by ', ', as many as fit in about `width` characters, then 'and N more'."""
+    shown = []
+    for item in items:
+        if shown and len(", ".join(shown + [item])) > width:
+            break
+        shown.append(item)
+    more = len(items) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")
+
+
+def unknown_words(captions, encoder):
+    """The words of the captions, as written and each once, that the built-in text encoder reads as noise or
+    drops: words outside the shapes captions' vocabulary, and characters other than a-z, 0-9 and punctuation
+    (accented letters, emoji)."""
+    found = {}  # lower-cased word -> the word as first written
+    read = re.compile(f"[a-z0-9{re.escape(string.punctuation)}]")  # what the encoder reads or skips as a gap
+    for caption in captions:
+        for word in caption.split():
+            word = word.strip(string.punctuation)
+            lower = word.lower()
+            if word and (read.sub("", lower) or not set(encoder.words(lower)) <= VOCABULARY):
+                found.setdefault(lower, word)
+    return list(found.values())
+
+
+def check_prompts(prompts, text_encoder):
+    """What the text encoder cannot read, said before any work; prompts: (caption, where). A prompt without a
+    word the built-in encoder reads is an error; the words it does not know, and the prompts longer than the
+    encoder reads (they are cut), are one warning line each."""
+    captions = [p for p, _ in prompts]
+    if isinstance(text_encoder, BuiltinTextEncoder):
+        tokens = [text_encoder.words(p) for p in captions]
+        kept, unit = text_encoder.max_len, "words"
+        for (p, where), t in zip(prompts, tokens):
+            if not t:
+                fail(f"{where} has no word the built-in text encoder reads (letters a-z, digits): {p!r}")
+        unknown = [f'"{w}"' for w in unknown_words(captions, text_encoder)]
+        if unknown:
+            these = "this word" if len(unknown) == 1 else f"these {len(unknown)} words"
+            warn(f"the model never saw {these}, outside the {len(VOCABULARY)} of the shapes captions that the "
+                 f"built-in text encoder knows: {listing(unknown)}")
+    else:  # a CLIP tokenizer: the start and end tokens take 2 of its max_len
+        tokens = [text_encoder.tokenizer.encode(p) for p in captions]
+        kept, unit = text_encoder.max_len - 2, "tokens"
+    cut = [f"{where} ({kept} of {len(t):,} {unit} kept)"
+           for (_, where), t in zip(prompts, tokens) if len(t) > kept]
+    if cut:
+        warn(f"the text encoder reads {kept} {unit} of a prompt; longer ones are cut: {listing(cut, 160)}")
+
+
+def hub_repo(ref):
+    """The Hub repo a --ckpt names ('user/name', or a file of it 'user/name/x.pt'), else None: told apart
+    from a local path as checkpoint.resolve_checkpoint does."""
+    parts = ref.strip("/").split("/")
+    if os.path.exists(ref) or len(parts) < 2 or ref.startswith((".", "/")) or os.path.isdir(parts[0]):
+        return None
+    return "/".join(parts[:2])
+
+
+def find_checkpoint(ref):
+    """The local path of --ckpt: a folder or a file, or the files of a Hub repo (downloaded once)."""
+    repo = hub_repo(ref)
+    try:
+        if repo:  # at once, not after a minute of retries, if the Hub is down
+            check_hub(repo, "--ckpt PATH")
+        ckpt = resolve_checkpoint(ref)
+    except ConnectionError as e:  # the Hub cannot be reached: the job failed, the command was right
+        fail(e, 1)
+    except FileNotFoundError as e:
+        fail(f"{e}; train one with `python train.py`, or give a Hub repo id")
+    if os.path.isfile(ckpt) and ckpt.endswith(".safetensors"):
+        fail(f"--ckpt {ref} is a weights file: pass its checkpoint folder "
+             f"{os.path.dirname(ref) or '.'} (the one with config.json)")
+    if os.path.isfile(ckpt) and not ckpt.endswith((".pt", ".pth", ".bin")):
+        fail(f"--ckpt {ref}: neither a checkpoint folder (with config.json) nor a released .pt file")
+    return ckpt
 
 
 def main(argv=None):
@@ -299,13 +406,7 @@ def main(argv=None):
         script, argv = "sample.py", list(argv)
     args = parse_args(argv)
     prompts = read_prompts(args)
-    try:
-        ckpt = resolve_checkpoint(args.ckpt)
-    except FileNotFoundError as e:
-        fail(f"{e}; train one with `python train.py`, or give a Hub repo id")
-    if os.path.isfile(ckpt) and ckpt.endswith(".safetensors"):
-        fail(f"--ckpt {args.ckpt} is a weights file: pass its checkpoint folder "
-             f"{os.path.dirname(args.ckpt) or '.'} (the one with config.json)")
+    ckpt = find_checkpoint(args.ckpt)
     _, rank, size, device = setup_distributed(args.device)
     stop = {}  # {"signal": the first signal received}
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -317,8 +418,10 @@ def main(argv=None):
         signal.signal(s, on_signal)
     try:
         return run_job(args, ckpt, prompts, (rank, size), device, stop, shlex.join(["python", script, *argv]))
-    except (ValueError, FileNotFoundError, OSError) as e:  # load_pretrained and the writes name the file
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except UsageError as e:  # the command must change
+        fail(e)
+    except (ValueError, OSError) as e:  # a damaged checkpoint, no network, a full disk: each names the file
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -326,40 +429,67 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 
-def run_job(args, ckpt, prompts, world, device, stop, command):
-    """Load, check the folder (rank 0), sample the missing images on every rank, then grid and report."""
+def load_job(args, ckpt, prompts, device, command):
+    """Everything the job needs, every prompt checked, before anything is written: the denoiser, its config
+    and encoders, the captions (each --n times) and the job that sample.json records."""
     D, config = load_pretrained(ckpt, not args.no_ema, device, official_preset=args.official_preset)
-    for key, repo in (("text_encoder", args.text_encoder), ("latents", args.vae)):
+    overrides = (("text_encoder", "--text-encoder", args.text_encoder), ("latents", "--vae", args.vae))
+    for key, flag, repo in overrides:
         if repo:  # e.g. a local copy of the encoders on a machine without network
-            config[key] = {**config[key], "repo": os.path.abspath(repo) if os.path.isdir(repo) else repo}
+            if not os.path.isdir(repo) and (repo.startswith((".", "/", "~")) or repo.count("/") != 1):
+                fail(f"{flag} {repo}: no such folder, nor a Hub repo id user/name")
+            config[key] = {**config[key], "repo": spec_repo(repo)}
+        if config.get(key, {}).get("repo"):  # at once, not after a minute of retries, if the Hub is down
+            check_hub(config[key]["repo"], f"{flag} PATH")
     if not prompts:  # default: the held-out captions the checkpoint was evaluated on
-        prompts = config.get("eval_prompts", [])[:16]
+        held_out = config.get("eval_prompts", [])[:16]
+        prompts = [(p, f"held-out caption {k + 1}") for k, p in enumerate(held_out)]
     if not prompts:
         fail("give --prompt or --prompts-file")
-    prompts = [p for p in prompts for _ in range(args.n)]
+    encoders = load_encoders(config, device)
+    check_prompts(prompts, encoders[0])
+    prompts = [p for p, _ in prompts for _ in range(args.n)]
     if args.bf16 == "auto":
         args.bf16 = device.type == "cuda"
     job = {"ckpt": os.path.abspath(ckpt), "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
            "n": args.n, "ema": not args.no_ema and os.path.isfile(os.path.join(ckpt, "ema.safetensors")),
            "bf16": args.bf16, "count": len(prompts), "command": command}
+    return D, config, encoders, prompts, job
+
+
+def claim_folder(args, job, prompts, world, held):
+    """Make --out the folder of this job: rank 0 takes its lock (kept in `held`, an ExitStack, until the job
+    ends), checks the job in it and writes prompts.txt and sample.json (a refusal travels to every rank as a
+    message); returns the indices of the images still to sample."""
     todo = [None]
-    if world[0] == 0:  # rank 0 alone owns the job's files; a refusal travels to every rank as a message
-        try:
+    if world[0] == 0:  # rank 0 alone owns the job's files
+        try:  # a live sample.py on the same folder: refused (lock.Held), before anything is looked at
+            held.enter_context(lock.hold(args.out, job="sample.py"))
             todo = [prepare_folder(args.out, job, prompts, args.overwrite)]
-        except (ValueError, OSError) as e:
-            todo = [str(e)]
+        except UsageError as e:  # the folder of another job
+            todo = [(2, str(e))]
+        except (ValueError, OSError) as e:  # a live job's folder, a full disk, a folder that cannot be written
+            todo = [(1, str(e))]
     if world[1] > 1:
         torch.distributed.broadcast_object_list(todo, src=0)  # no rank writes before the folder is ready
-    if isinstance(todo[0], str):
-        fail(todo[0])
-    encoders = load_encoders(config, device) if todo[0] else None
-    with tqdm(total=len(prompts), initial=len(prompts) - len(todo[0]), desc="sampling", unit="img",
-              disable=world[0] != 0) as bar:  # closed before any error is printed
-        written, signum = sample_to_folder(D, config, encoders, prompts, todo[0], args, world, stop, bar)
-    if world[1] > 1:
-        torch.distributed.barrier()  # every rank's last images are on disk
-    if world[0] == 0:
-        report(args.out, ckpt, len(prompts), written, signum)
+    if isinstance(todo[0], tuple):
+        fail(todo[0][1], todo[0][0])
+    return todo[0]
+
+
+def run_job(args, ckpt, prompts, world, device, stop, command):
+    """Load and check everything, then claim the folder (the one place it is claimed: after every check),
+    sample the missing images on every rank, then grid and report."""
+    D, config, encoders, prompts, job = load_job(args, ckpt, prompts, device, command)
+    with contextlib.ExitStack() as held:  # the folder's lock, released however the job ends
+        todo = claim_folder(args, job, prompts, world, held)
+        with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="sampling", unit="img",
+                  disable=world[0] != 0) as bar:  # closed before any error is printed
+            written, signum = sample_to_folder(D, config, encoders, prompts, todo, args, world, stop, bar)
+        if world[1] > 1:
+            torch.distributed.barrier()  # every rank's last images are on disk
+        if world[0] == 0:
+            report(args.out, ckpt, len(prompts), written, signum)
     return 128 + signum if signum else 0
 
 

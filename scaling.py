@@ -524,8 +524,10 @@ def main(argv=None):
     else:
         try:
             rows = load_rows(args.results, RESULT_KEYS, min_rows=3)
-        except (FileNotFoundError, ValueError) as e:
+        except FileNotFoundError as e:  # exit 2: the command names a file that is not there
             p.error(str(e))
+        except ValueError as e:  # exit 1: the file's rows are damaged, or too few to fit
+            p.exit(1, f"scaling.py: error: {e}\n")
         fits = fit_results(rows, args.n_boot, args.seed)
         print_fits(fits, len(rows))
         if args.plot:

@@ -138,6 +138,11 @@ def partial_caption(scene, rng):
     return " and ".join(words(o) for o in scene)
 
 
+# Every word of the captions above (caption, partial_caption). The built-in text encoder turns any word into a
+# vector, but a model trained on this dataset has seen only these: sample.py names the others in a warning.
+VOCABULARY = frozenset(" ".join(["a and shape", *SIZES, *COLOURS, *SHAPES, *PHRASES.values()]).split())
+
+
 def heldout_captions(n=512, seed=0):
     """n captions of held-out scenes, which training data never contains;
     no scene repeats before all are used."""
@@ -169,6 +174,22 @@ def render(scene, res=32):
             draw.polygon(((x0 + x1 - 1) / 2, y0, x1 - 1, y1 - 1, x0, y1 - 1), fill=fill)
     # reducing_gap: Pillow box-reduces 4x -> 2x before the LANCZOS step, 2.4x faster and alike to the eye.
     return img.resize((res, res), Image.LANCZOS, reducing_gap=2.0)
+
+
+# The images are the dataset's "latents": pixels in [-1, 1], stored and trained on as they are.
+PIXELS = {"type": "pixels"}  # the latent spec of this dataset (encoders.py: encoder specs)
+
+
+def image_to_latent(img):
+    """PIL image or uint8 (..., H, W, 3) -> float32 tensor (..., 3, H, W) in [-1, 1]."""
+    # np.array makes a copy: PIL's arrays are read-only
+    return torch.from_numpy(np.array(img)).movedim(-1, -3).float() / 127.5 - 1
+
+
+def latent_to_image(x):
+    """float tensor (N, 3, H, W) in [-1, 1] -> uint8 numpy (N, H, W, 3), ready for score()."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # -----------------------------------------------------------------------------
@@ -314,6 +335,11 @@ class BuiltinTextEncoder:
             self._vectors[word] = rs.standard_normal(self.dim).astype(np.float32)
         return self._vectors[word]
 
+    def words(self, text):
+        """The word tokens of a caption, before they are cut to max_len: its runs of a-z and 0-9, lower-cased
+        (anything else, such as punctuation, accented letters or emoji, is dropped)."""
+        return re.findall(r"[a-z0-9]+", text.lower())
+
     def __call__(self, captions):
         if isinstance(captions, str):
             raise TypeError("text encoder: pass a list of captions, not one string")
@@ -321,7 +347,7 @@ class BuiltinTextEncoder:
         for b, text in enumerate(captions):
             words = []
             if isinstance(text, str):
-                words = re.findall(r"[a-z0-9]+", text.lower())[: self.max_len]
+                words = self.words(text)[: self.max_len]
             if not words:
                 raise ValueError(f"text encoder: caption {b} has no words: {text!r}")
             row = np.stack([self._vector(w) for w in words]) + self.pos.numpy()[: len(words)]  # (n, D)

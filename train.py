@@ -9,11 +9,15 @@ the built-in shapes dataset (generated on first use) in minutes:
 
 SIGTERM or SIGINT (a preemption, Ctrl-C) finishes the current step, writes a checkpoint and exits 0; run the
 same command with --resume=auto to continue bit-exactly. Under torchrun, raise --shutdown_timeout (30 s by
-default, then SIGKILL) above one step plus one checkpoint write.
+default, then SIGKILL) above one step plus one checkpoint write. A live run locks its out_dir (lock.py).
+Exit status: 0 done (or stopped by a signal, its checkpoint written), 2 a command to change (a bad flag, value
+or config file, a missing input, an out_dir holding another run), 1 a failed job (a damaged checkpoint, a full
+disk, non-finite steps, an out_dir held by a live job).
 
-Reads top to bottom: the config; this process's place in the run; train(), whose loop reads in labelled
+Reads top to bottom: the config; this process's place in the run; train() and loop(), which reads in labelled
 sections; then the pieces it calls, in the order it calls them; last, the checks of every config value.
 """
+import contextlib
 import copy
 import json
 import math
@@ -30,16 +34,18 @@ import torch
 import torch.distributed as dist
 
 import data
+import lock
 import shapes
-from checkpoint import (add_results, atomic_write, list_checkpoints, load_checkpoint, push_to_hub,
-                        read_checkpoint, remove, resolve_checkpoint, save_pretrained, save_train_state)
-from config import load_config, model_overrides, print_help
+from checkpoint import (add_results, atomic_write, claim_out_dir, keep_log_until, list_checkpoints,
+                        load_checkpoint, push_to_hub, read_checkpoint, remove, resolve_checkpoint,
+                        save_pretrained, save_train_state, set_aside)
+from config import UsageError, load_config, model_overrides, print_help
 from diffusion import Denoiser, drop_captions, edm_loss, sample_sigma, training_noise
-from model import PRESETS, build_model, flops_per_image, get_config, model_type, num_params
-from parallel import (StopSignals, busy_warning, check_device, checkpoint_blocks, default_threads,
+from model import PRESETS, build_model, flops_per_image, get_config, model_type
+from parallel import (StopSignals, agree, busy_warning, check_device, checkpoint_blocks, default_threads,
                       full_optimizer_state, full_weights, grad_sync, ignore_stop_signals,
                       load_optimizer_state, measure_peak_flops, setup_distributed, shard)
-from report import DEFAULT_MFU, PRICE_PER_GPU_HOUR, dollars, gpu_hours, plot_run
+from report import plot_run, print_plan
 from sample import generate, image_grid
 
 
@@ -75,7 +81,8 @@ class TrainConfig:
     sigma_data: float = 0.9          # the data's std in the preconditioning; recorded in every checkpoint
     mask_ratio: float = 0.5          # fraction of patches dropped (after the patch-mixer, if any)
     unmasked_steps: int = 400        # the last this-many steps train unmasked, as the recipe's stages 2 and 4
-                                     # do: sampling is always unmasked, so the model ends on what it will see
+                                     # do: sampling is always unmasked, so the model ends on what it will see.
+                                     # A count, not scaled with max_steps: a run this short is warned
     caption_dropout: float = 0.1     # captions replaced by zeros, for classifier-free guidance
     # optimisation (AdamW)
     batch_size: int = 32             # global batch, whatever the world size: micro_batch x grad_accum x world
@@ -84,9 +91,11 @@ class TrainConfig:
                                      # (micro_batch x world), so one config fits any GPU count
     max_steps: int = 2900            # the default run: 10-14 min on 2 CPU cores (as measured)
     lr: float = 1e-3                 # peak learning rate of AdamW
-    lr_schedule: str = "cosine"      # "cosine" (warmup, cosine to lr * min_lr_ratio) or "constant" (warmup)
-    warmup_steps: int = 290
-    min_lr_ratio: float = 0.33       # the floor of the cosine, as a fraction of lr
+    lr_schedule: str = "cosine"      # "cosine" (warmup, cosine to lr * min_lr_ratio), "constant" (warmup) or
+                                     # "wsd" (warmup, constant, then decay_steps down to lr * min_lr_ratio)
+    warmup_steps: int = 290          # steps of linear warmup to lr; a count, not scaled with max_steps: a
+                                     # shorter run is warned
+    min_lr_ratio: float = 0.33       # the floor of the cosine, and where wsd's decay ends: a fraction of lr
     weight_decay: float = 0.1        # AdamW's decoupled weight decay
     beta1: float = 0.9               # AdamW's first-moment decay
     beta2: float = 0.999             # AdamW's second-moment decay
@@ -95,6 +104,7 @@ class TrainConfig:
     ema_decay: float = 0.999         # EMA of the weights; 0 = no EMA. Warmed up: the decay at step s is
                                      # min(ema_decay, (1 + s) / (10 + s)), below 0.999 until step 8,990
     max_bad_steps: int = 5           # a non-finite loss or gradient skips the step; this many in a row stop
+    decay_steps: int = 0             # wsd: the last this-many steps decay linearly to lr * min_lr_ratio
     # system
     device: str = "auto"             # "auto" = cuda if available, else cpu
     bf16: typing.Optional[bool] = None  # bf16 autocast; None = on for CUDA, off for CPU (bf16 keeps fp32's
@@ -111,7 +121,9 @@ class TrainConfig:
     overwrite: bool = False          # delete the run already in out_dir and start a new one there
     log_every: int = 100             # steps between log lines
     eval_every: int = 0              # steps between sample grids + scores; 0 = only at the end
-    eval_n: int = 128                # held-out captions sampled at each evaluation
+    eval_n: int = 128                # held-out captions sampled at the final evaluation
+    curve_n: int = 0                 # held-out captions (the first of eval_n's) sampled at the evaluations
+                                     # along the way (eval_every); 0 = eval_n
     eval_steps: int = 18             # Heun steps of the evaluation sampler
     eval_guidance: float = 4.0       # classifier-free guidance of the evaluation sampler
     val_n: int = 256                 # held-out images for the validation loss (mask ratio 0)
@@ -180,11 +192,17 @@ def model_config(cfg):
 
 
 def lr_at(step, cfg):
-    """Linear warmup, then cosine decay to a floor of lr * min_lr_ratio (or constant)."""
+    """Linear warmup, then a cosine decay to a floor of lr * min_lr_ratio, constant, or stable then decay."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
+    if cfg.lr_schedule == "wsd":  # warmup-stable-decay: constant until the last decay_steps, so that an
+        # evaluation before them reads as a shorter run less its decay. Linear: a decay over the last 20%
+        # matches the cosine (Hagele et al. 2024, arXiv 2405.18392, Sec. 3); their 1-sqrt shape does a little
+        # better, a line is the simplest to read
+        t = (step + 1 - (cfg.max_steps - cfg.decay_steps)) / max(1, cfg.decay_steps)  # the last step: t = 1
+        return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * min(1.0, max(0.0, t)))
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
@@ -199,13 +217,21 @@ def step_seed(seed, step, stream):
 
 
 def train(cfg):
-    """One run: setup, the data, the model from where the run stands, the loop, and the end of the run."""
+    """One run: its config checked, this process's place in it, then the run, with out_dir's lock held by rank
+    0 from before anything in the folder is looked at until the run ends, however it ends."""
     t_begin = time.perf_counter()  # the wall clock split in the final record: data, training, evaluation
     check_config(cfg)
     run = setup(cfg)
+    with lock.hold(cfg.out_dir, job="train.py") if run.master else contextlib.nullcontext():
+        loop(cfg, run, t_begin)
+
+
+def loop(cfg, run, t_begin):
+    """The run: the data, the model from where the run stands, the loop, and the end of the run."""
     mcfg = model_config(cfg)
     if run.master:
-        claim_out_dir(cfg)
+        claim_out_dir(cfg.out_dir, cfg.overwrite, cfg.resume)
+        warn_short_run(cfg)
     index = prepare_data(cfg, mcfg, run)
     data_s = time.perf_counter() - t_begin  # (mostly the built-in dataset's generation, on the first run)
     if run.master:
@@ -216,6 +242,7 @@ def train(cfg):
     mask_at = lambda step: 0.0 if step >= cfg.max_steps - cfg.unmasked_steps else cfg.mask_ratio
     flops_at = {m: flops_per_image(mcfg, m, caption_len=index["text_shape"][0])  # per image, train step
                 for m in (cfg.mask_ratio, 0.0)}
+    flops_until = lambda step: sum(flops_at[mask_at(s)] for s in range(step)) * cfg.batch_size  # steps < step
     run.peak = peak_flops(cfg, run)
     if run.master:
         print_plan(cfg, run, net, flops_at, mask_at, step)
@@ -251,7 +278,7 @@ def train(cfg):
         bad = clip_and_check(cfg, net, loss)
 
         # ---- the ranks agree to stop (a signal) or to skip the step (a non-finite loss or gradient)
-        stopping, bad = agree(run, stop.requested, bad)
+        stopping, bad = agree(run.ddp, run.device, stop.requested, bad)
 
         # ---- update: the weights and their EMA; a skipped step changes neither
         update(cfg, opt, net, ema, step, bad)
@@ -265,26 +292,27 @@ def train(cfg):
         # ---- log, evaluate, save (the meter's clock leaves evaluations and checkpoints out)
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == step_start + 1:  # a first line now
             meter.log(step, skipped)
+        paused = time.perf_counter()  # the meter's clock stops until the evaluation and the save are done
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             weights = full()
-            if run.master:
-                results = evaluate(cfg, run, weights[1] or weights[0], held, step)
+            if run.master:  # (on the first curve_n held-out captions: a curve of the run, not its result)
+                results = evaluate(cfg, run, weights[1] or weights[0], held, step, cfg.curve_n or cfg.eval_n)
                 print(f"step {step:6d} | eval " + " ".join(f"{k} {v:.3f}" for k, v in results.items()),
                       flush=True)
-                log(cfg, {"step": step, **results})
-            meter.t0 = time.perf_counter()
+                log(cfg, {"step": step, "samples": samples, "flops": flops_until(step), **results,
+                          "eval_s": round(time.perf_counter() - paused, 2)})
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
             weights, opt_state = full(), full_optimizer_state(net, opt, cfg.fsdp, run.device)
             if run.master:
                 save_checkpoint(cfg, *weights, opt_state, held.extra, state())
-            meter.t0 = time.perf_counter()
+        meter.t0 += time.perf_counter() - paused
 
     stop.restore()
     if step == step_start:  # no step here: the weights it started with (else those of the last checkpoint)
         weights = full()
     if run.master:
         times = dict(begin=t_begin, data_s=data_s, train_s=time.perf_counter() - t_start,
-                     steps=step - step_start)
+                     steps=step - step_start, flops=flops_until(step))
         finish(cfg, run, weights, held, state(), stopping, times)
     if run.ddp:  # the ranks tear down together, the models before the process group they use (gloo can hang)
         dist.barrier()
@@ -295,24 +323,18 @@ def train(cfg):
 # before the loop: the out_dir, the data, the model and where the run starts
 
 
-def claim_out_dir(cfg):
-    """An out_dir holds one run. A fresh run where another run's checkpoints or log are is refused (or, with
-    --overwrite, that run is deleted); leftovers of interrupted writes (*.tmp) are removed."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    names = os.listdir(cfg.out_dir)
-    for name in names:
-        if name.endswith(".tmp"):
-            remove(os.path.join(cfg.out_dir, name))
-    ours = [n for n in names if re.fullmatch(r"ckpt-\d+(\.bad)?|log\.jsonl|samples-\d+\.png|curve\.png", n)]
-    if ours and cfg.overwrite:
-        for name in ours:
-            remove(os.path.join(cfg.out_dir, name))
-        print(f"--overwrite: deleted the run in {cfg.out_dir} ({len(ours)} files and folders)")
-    elif ours and not cfg.resume:
-        ckpts = list_checkpoints(cfg.out_dir)
-        what = f"checkpoints up to {os.path.basename(ckpts[0])}" if ckpts else "a log.jsonl"
-        raise ValueError(f"{cfg.out_dir} holds another run ({what}): continue it with --resume=auto, or "
-                         f"start this one in a new --out_dir, or pass --overwrite to delete that run")
+def warn_short_run(cfg):
+    """A run shorter than its warmup or its unmasked end is said at once: they are counts of steps, which a
+    short run (--max_steps=6) inherits from the default run unscaled."""
+    short = []
+    if cfg.warmup_steps > cfg.max_steps > 0:
+        short.append(f"warmup_steps={cfg.warmup_steps} (the learning rate never leaves its warmup: it ends "
+                     f"at {cfg.max_steps / cfg.warmup_steps:.0%} of --lr)")
+    if cfg.unmasked_steps >= cfg.max_steps > 0 and cfg.mask_ratio:
+        short.append(f"unmasked_steps={cfg.unmasked_steps} (no step is masked)")
+    if short:
+        print(f"warning: a short run: max_steps={cfg.max_steps} but {' and '.join(short)}; lower them for a "
+              f"run this short", flush=True)
 
 
 def prepare_data(cfg, mcfg, run):
@@ -327,21 +349,26 @@ def prepare_data(cfg, mcfg, run):
             if cfg.dataset_captions == "partial":
                 name += "_partial"
             cfg.data_dir = f"data_cache/{name}"
-        if run.master:  # a no-op when the same dataset is already there; an error if a different one is
-            data.make_shapes_dataset(cfg.data_dir, cfg.dataset_size, res=res, seed=cfg.seed,
-                                     text_dim=text_dim, context=cfg.text_context, scenes=cfg.dataset_scenes,
-                                     captions=cfg.dataset_captions)
+        try:  # rank 0 writes it holding its folder's lock: another job making it meanwhile is waited for
+            if run.master:  # (a no-op when the same dataset is already there; an error if a different one is)
+                with lock.hold(cfg.data_dir, "train.py", wait=True):
+                    data.make_shapes_dataset(cfg.data_dir, cfg.dataset_size, res=res, seed=cfg.seed,
+                                             text_dim=text_dim, context=cfg.text_context,
+                                             scenes=cfg.dataset_scenes, captions=cfg.dataset_captions)
+        except KeyboardInterrupt:  # (a dataset is one once its index.json is there, written last)
+            raise KeyboardInterrupt(f"stopped while writing the built-in dataset in {cfg.data_dir}, before "
+                                    f"any training; the next run writes it again") from None
         if run.ddp:  # the other ranks wait until rank 0 has written it
             dist.barrier()
     index = data.read_index(cfg.data_dir)
     data.check_shards(cfg.data_dir, index)  # a missing or truncated shard now, not when training reaches it
     workers = max(1, cfg.num_workers)  # each data lane's shards are split over its workers
     if len(index["shards"]) < run.lanes * workers:
-        raise ValueError(f"--num_workers={cfg.num_workers}: {cfg.data_dir} has {len(index['shards'])} "
+        raise UsageError(f"--num_workers={cfg.num_workers}: {cfg.data_dir} has {len(index['shards'])} "
                          f"shards, too few for {run.lanes} data lanes x {workers} workers: use fewer")
     C, H, W = index["latent_shape"]
     if (C, H) != (mcfg.latent_channels, mcfg.latent_size) or index["text_shape"][-1] != mcfg.caption_dim:
-        raise ValueError(f"model {cfg.model} expects latents ({mcfg.latent_channels}, {mcfg.latent_size}, "
+        raise UsageError(f"model {cfg.model} expects latents ({mcfg.latent_channels}, {mcfg.latent_size}, "
                          f"{mcfg.latent_size}) and captions of width {mcfg.caption_dim}; {cfg.data_dir} "
                          f"holds latents {tuple(index['latent_shape'])} and captions "
                          f"{tuple(index['text_shape'])}")
@@ -370,10 +397,9 @@ def start(cfg, run, net, ema):
                 found = "resumed from", folder, read_checkpoint(folder)
                 break
             except (ValueError, OSError) as e:  # a truncated or corrupt file: say which, fall back
-                if run.master:
+                if run.master:  # (set aside, so that pruning by step never prefers it)
                     print(f"warning: checkpoint {folder} does not load ({type(e).__name__}: {e}); "
-                          f"moved aside as {folder}.bad, trying an older one")
-                    os.replace(folder, folder + ".bad")  # so that pruning by step never prefers it
+                          f"moved aside as {set_aside(folder)}, trying an older one")
     elif cfg.resume:
         found = "resumed from", cfg.resume, read_checkpoint(cfg.resume)
     if found is None and cfg.init_from:
@@ -397,19 +423,8 @@ def start(cfg, run, net, ema):
             raise RunError(f"rank {run.rank} starts at step {step}, another rank does not: "
                            f"is {cfg.out_dir} shared?")
     if run.master:
-        keep_log_until(cfg, step)
+        keep_log_until(cfg.out_dir, step)
     return step, samples, skipped, opt_state
-
-
-def keep_log_until(cfg, step):
-    """log.jsonl belongs to this run: records after the step it (re)starts from, of an interrupted part
-    that is now being redone, are dropped."""
-    path = os.path.join(cfg.out_dir, "log.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with atomic_write(path) as tmp, open(tmp, "w") as f:
-            f.writelines(keep)
 
 
 def peak_flops(cfg, run):
@@ -421,24 +436,6 @@ def peak_flops(cfg, run):
         if warning:
             print(warning, flush=True)
     return cfg.peak_flops or measured
-
-
-def print_plan(cfg, run, net, flops_at, mask_at, step):
-    """What this run is: the model, its FLOPs and price, the device and the batch arithmetic."""
-    total = sum(flops_at[mask_at(s)] for s in range(step, cfg.max_steps)) * cfg.batch_size
-    unmasked = ""
-    if cfg.unmasked_steps and cfg.mask_ratio:
-        unmasked = f", the last {cfg.unmasked_steps} steps unmasked"
-    bf16 = " bf16" if run.bf16 else ""
-    print(f"model {cfg.model}: {num_params(net):,} parameters, {flops_at[cfg.mask_ratio] / 1e9:.2f} training "
-          f"GFLOPs per image at mask ratio {cfg.mask_ratio}{unmasked}; device {run.device}{bf16}, "
-          f"peak {run.peak / 1e12:.2f} TFLOP/s (measured matmul)")
-    # (report.py's prices; `python scaling.py cost` prices the whole recipe, at any MFU and price)
-    print(f"this run: {total:.2e} training FLOPs, {gpu_hours(total):.2g} H100-hours = "
-          f"${dollars(gpu_hours(total)):.2g} at {DEFAULT_MFU:.0%} MFU and ${PRICE_PER_GPU_HOUR}/hour "
-          f"(scaling.py)")
-    print(f"batch {cfg.batch_size} = {run.world} ranks x {run.grad_accum} accumulation x {run.micro_batch} "
-          f"micro-batch; {run.lanes} data lanes")
 
 
 def make_loaders(cfg, run, samples):
@@ -510,7 +507,7 @@ def heldout(cfg, index):
     return Heldout(val, prompts, extra)
 
 # -----------------------------------------------------------------------------
-# one step: forward and backward, the ranks' agreement, the update, the log line
+# one step: forward and backward, the update, the log line
 
 
 def forward_backward(cfg, run, D, x, y, sigma, noise, mask_ratio):
@@ -539,15 +536,6 @@ def clip_and_check(cfg, net, loss):
             norm = norm.full_tensor()
         bad |= ~norm.isfinite()
     return bad
-
-
-def agree(run, stop_requested, bad):
-    """(stopping, bad) as the ranks agree: a signal may reach them at different steps, and a loss may be
-    non-finite on one rank only, so a flag raised on any rank holds on every rank."""
-    flags = torch.stack([torch.tensor(float(stop_requested), device=run.device), bad.float()])
-    if run.ddp:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [bool(f) for f in flags.tolist()]  # (stopping, bad)
 
 
 def update(cfg, opt, net, ema, step, bad):
@@ -632,10 +620,11 @@ def log(cfg, record):
 
 
 @torch.no_grad()
-def evaluate(cfg, run, net, held, step):
-    """Validation loss at mask ratio 0, and held-out captions sampled and scored (with a sample grid)."""
+def evaluate(cfg, run, net, held, step, n_captions):
+    """Validation loss at mask ratio 0, and the first n_captions held-out captions sampled and scored (with a
+    sample grid)."""
     n_val = 0 if held.val is None else min(cfg.val_n, len(held.val["latent"]))
-    prompts = held.prompts
+    prompts = held.prompts[:n_captions]
     sampled = f", {len(prompts)} captions sampled ({cfg.eval_steps} Heun steps) and scored" if prompts else ""
     print(f"step {step:6d} | evaluating: validation loss on {n_val} images{sampled}", flush=True)
     home = next(net.parameters()).device  # under FSDP rank 0's full copy waits on the CPU between uses
@@ -677,7 +666,7 @@ def save_checkpoint(cfg, net, ema, opt_state, extra, state):
 def finish(cfg, run, weights, held, state, stopped, times):
     """The end of a run on rank 0: the final evaluation, in the log and the model card; the loss curve; the
     upload. weights: (net, ema); times: begin (train()'s start, perf_counter), data_s and train_s (the loop's
-    seconds), steps (taken by this process)."""
+    seconds), steps (taken by this process), flops (training FLOPs of all the run's steps)."""
     step = state["step"]
     if stopped:
         print(f"stopped by signal at step {step}; checkpoint written, the same command with --resume=auto "
@@ -687,14 +676,15 @@ def finish(cfg, run, weights, held, state, stopped, times):
     if not os.path.isdir(final):  # --max_steps=0: the initial weights are the result ({}: AdamW's state)
         save_checkpoint(cfg, *weights, {}, held.extra, state)
     t_eval = time.perf_counter()
-    results = evaluate(cfg, run, weights[1] or weights[0], held, step)  # the EMA's, where there is one
+    results = evaluate(cfg, run, weights[1] or weights[0], held, step, cfg.eval_n)  # the EMA's, if any
     now = time.perf_counter()
     split = dict(data_s=times["data_s"], train_s=times["train_s"], eval_s=now - t_eval,
                  wall_s=now - times["begin"])
     print(f"done: {step} steps ({times['steps']} here) in {split['train_s']:.0f}s | final "
           + " ".join(f"{k} {v:.3f}" for k, v in results.items()))
     print("wall clock: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in split.items()), flush=True)
-    log(cfg, {"step": step, "final": True, **{k: round(v, 2) for k, v in split.items()}, **results})
+    log(cfg, {"step": step, "final": True, "samples": state["samples"], "flops": times["flops"],
+              **{k: round(v, 2) for k, v in split.items()}, **results})
     add_results(final, results)  # the model card states what was measured
     plot_run(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "curve.png"))
     if cfg.push_to_hub:
@@ -710,19 +700,21 @@ def main(argv):
     if {"-h", "--help"} & set(argv):
         print_help(TrainConfig, __doc__)
         return
-    try:
+    try:  # exit status: 1 for a failed job, 2 for a usage error (see the docstring)
         train(load_config(TrainConfig, argv))
         return
-    except KeyboardInterrupt:  # the second Ctrl-C
-        message = "stopped without a checkpoint; the newest one in out_dir is kept"
-    except (ValueError, OSError, RunError) as e:  # bad input, a damaged file, a full disk: one line
+    except KeyboardInterrupt as e:  # the second Ctrl-C, or one before the training began
+        message, code = str(e) or "stopped without a checkpoint; the newest one in out_dir is kept", 1
+    except (ValueError, OSError, RunError) as e:  # bad input, a damaged file, a full disk, a live job
         lines = str(e).strip().splitlines()
         # a DataLoader worker's error arrives as "Caught ValueError in DataLoader worker..." + its traceback,
         # whose last line is the error itself
         message = "error: " + (lines[-1] if str(e).startswith("Caught ") else lines[0])
+        code = 2 if isinstance(e, UsageError) else 1
     for it in list(LOADERS):  # a failed run's DataLoader workers ignore SIGTERM: stop them, or the exit waits
         getattr(it, "_shutdown_workers", lambda: None)()  # for them forever (torch has no public close)
-    sys.exit(f"train.py: {message}")
+    print(f"train.py: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 # -----------------------------------------------------------------------------
 # checks: every value before any work
@@ -732,13 +724,14 @@ def check_config(cfg):
     """Every value checked before any work, with a one-line error that names the flag and what it may be."""
     def need(ok, key, what):
         if not ok:
-            raise ValueError(f"--{key}={getattr(cfg, key)!r}: must be {what}")
+            raise UsageError(f"--{key}={getattr(cfg, key)!r}: must be {what}")
     finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
     for key in ("dataset_size", "shuffle_buffer", "batch_size", "grad_accum", "log_every", "ckpt_every",
                 "keep_ckpts", "max_bad_steps", "eval_steps"):
         need(getattr(cfg, key) >= 1, key, ">= 1")
     for key in ("num_workers", "data_lanes", "latent_size", "unmasked_steps", "micro_batch", "max_steps",
-                "warmup_steps", "seed", "threads", "eval_every", "eval_n", "val_n", "dataset_scenes"):
+                "warmup_steps", "decay_steps", "seed", "threads", "eval_every", "eval_n", "curve_n", "val_n",
+                "dataset_scenes"):
         need(getattr(cfg, key) >= 0, key, ">= 0")
     need(finite(cfg.P_mean), "P_mean", "a finite number")
     for key in ("pos_interp_scale", "lr", "weight_decay", "grad_clip", "eval_guidance", "peak_flops"):
@@ -751,7 +744,9 @@ def check_config(cfg):
         need(0 <= getattr(cfg, key) <= 1, key, "in [0, 1]")
     need(cfg.dataset in ("shapes", "shards"), "dataset", "'shapes' (built in) or 'shards'")
     need(cfg.dataset_captions in ("full", "partial"), "dataset_captions", "'full' or 'partial'")
-    need(cfg.lr_schedule in ("cosine", "constant"), "lr_schedule", "'cosine' or 'constant'")
+    need(cfg.lr_schedule in ("cosine", "constant", "wsd"), "lr_schedule",
+         "'wsd' (warmup-stable-decay), 'cosine' or 'constant'")
+    need(cfg.lr_schedule != "wsd" or cfg.decay_steps >= 1, "decay_steps", ">= 1 with --lr_schedule=wsd")
     need(cfg.model in PRESETS, "model", f"a preset of model.py: {', '.join(PRESETS)}")
     need(cfg.out_dir.strip(), "out_dir", "a folder")
     need(not cfg.push_to_hub or re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.push_to_hub), "push_to_hub",
@@ -775,7 +770,7 @@ def check_config(cfg):
             build_model(mcfg)(x, torch.zeros(1), torch.zeros(1, 1, mcfg.caption_dim), cfg.mask_ratio)
     except (ValueError, RuntimeError) as e:
         first_line = str(e).splitlines()[0]
-        raise ValueError(f"--model={cfg.model} (with --model_args/--latent_size): {first_line}") from None
+        raise UsageError(f"--model={cfg.model} (with --model_args/--latent_size): {first_line}") from None
     split_batch(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # torchrun's world: no process group joined yet
 
 
@@ -783,11 +778,11 @@ def check_batch(cfg, world, grad_accum, micro_batch, lanes):
     """The global batch splits over the ranks, the micro-batches and the data lanes (see split_batch)."""
     if (not micro_batch or micro_batch * grad_accum * world != cfg.batch_size
             or cfg.micro_batch not in (0, micro_batch)):
-        raise ValueError(f"--batch_size={cfg.batch_size} does not split into world size {world} x grad_accum "
+        raise UsageError(f"--batch_size={cfg.batch_size} does not split into world size {world} x grad_accum "
                          f"x micro-batch (grad_accum={cfg.grad_accum}, micro_batch={cfg.micro_batch}; "
                          f"see TrainConfig)")
     if lanes % world or cfg.batch_size % lanes:
-        raise ValueError(f"--data_lanes={lanes} must be a multiple of the world size {world} and divide "
+        raise UsageError(f"--data_lanes={lanes} must be a multiple of the world size {world} and divide "
                          f"batch_size={cfg.batch_size}")
 
 

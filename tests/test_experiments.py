@@ -7,15 +7,17 @@ from dataclasses import fields, replace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import experiments
 import scaling
 from conftest import ROOT
 from model import PRESETS, flops_per_image
 
-pytestmark = pytest.mark.slow  # the full tier: real train.py runs and FLOP counts of every ablation
+# the full tier (slow): real train.py runs and FLOP counts of every ablation; the fast tier: the curve report
 
 
+@pytest.mark.slow
 def test_sweep_rows_flags_and_resume(tmp_path, monkeypatch):
     import train
     known = {f.name for f in fields(train.TrainConfig)}
@@ -51,6 +53,7 @@ def test_sweep_rows_flags_and_resume(tmp_path, monkeypatch):
 # ablations
 
 
+@pytest.mark.slow
 def test_ablation_runs_get_equal_flops():
     first = ["masking", "mask_ratio", "moe", "layer_scaling", "unet", "compute"]  # the tables at MicroDiT_S's C
     runs = experiments.ablation_runs(first, seeds=(0, 1))
@@ -75,6 +78,7 @@ def test_ablation_runs_get_equal_flops():
         experiments.ablation_runs(["maskng"], seeds=(0,))
 
 
+@pytest.mark.slow
 def test_ablate_end_to_end(tmp_path):
     # two real train.py runs (dense and MoE), two steps each, then the table; a second call repeats nothing
     out = tmp_path / "ablations.jsonl"
@@ -98,15 +102,17 @@ def test_ablate_end_to_end(tmp_path):
     assert again.returncode == 0 and "(2 already in" in again.stdout and len(scaling.load_rows(out, experiments.ABLATION_KEYS)) == 2
 
 
+@pytest.mark.slow
 def test_new_tables_get_the_budget_their_framing_says():
     # budgets computed here from model.py's counter alone, as a reader would from the README's description
     runs = experiments.ablation_runs(["masking256", "unet_depth", "data"])
     f = lambda model, m, **kw: flops_per_image(replace(PRESETS[model], **kw), m, caption_len=24) * 32
     masked = lambda model, steps, **kw: (steps - round(0.1 * steps)) * f(model, 0.75, **kw) + \
         round(0.1 * steps) * f(model, 0.0, **kw)
-    budget256 = masked("MicroDiT_S_2", 250)  # the deferred run: 250 steps of 32, the last 25 unmasked
+    # the curve tables at their budget, x8: the deferred run 8 x 250 steps of 32, the last 200 unmasked
+    budget256 = masked("MicroDiT_S_2", 2000)
     unet_args = dict(base_channels=24, head_dim=24)
-    budget_unet = 200 * f("UNet_S", 0.0, **unet_args)  # the wider UNet: 200 steps
+    budget_unet = 1600 * f("UNet_S", 0.0, **unet_args)  # the wider UNet: 8 x 200 steps
     seeds = {}
     for name, r in runs.items():
         seeds.setdefault(r["variant"], set()).add(r["seed"])
@@ -114,33 +120,36 @@ def test_new_tables_get_the_budget_their_framing_says():
             assert r["flops"] == pytest.approx(budget256, rel=0.01), name
         elif r["variant"] in ("unet_td", "unet_c"):
             assert r["flops"] == pytest.approx(budget_unet, rel=0.01), name
-    assert seeds == {v: {0, 1, 2} for v in seeds} and len(seeds) == 11  # three seeds of every variant
-    nomask = runs["nomask256_s0"]["steps"]
-    assert nomask == round(budget256 / f("MicroDiT_S_2", 0.0))
-    for name in ("deferred256_steps_s1", "naive256_steps_s1"):  # equal steps: the unmasked run's, 10% unmasked
-        r = runs[name]
-        assert r["steps"] == nomask and r["unmasked_steps"] == round(0.1 * nomask) and r["mask_ratio"] == 0.75
-    assert runs["naive256_steps_s0"]["flops"] == pytest.approx(masked("MicroDiT_S_2", nomask, mixer_depth=0))
-    assert runs["naive256_s0"]["model_args"] == "mixer_depth=0" and runs["naive256_s0"]["steps"] > 250
+        if r["variant"] in ("deferred256", "nomask256", "naive256", "small256", "unet_td", "unet_c"):
+            # about 8 evaluations along the way, a wsd schedule decaying over the last 20%, the budget named
+            assert name == f"{r['variant']}_x8_s{r['seed']}" and r["budget"] == 8 and r["lr_schedule"] == "wsd"
+            assert r["eval_every"] == r["steps"] // 8 and r["decay_steps"] == round(0.2 * r["steps"]), name
+            assert r["eval"] == "eval_n=128,curve_n=32,eval_steps=12" and r["curve_n"] == 32, name
+        else:  # the data table scores as the older tables do (train.py's defaults, 128 x 18), under its cosine
+            assert name == f"{r['variant']}_s{r['seed']}" and r["eval"] == "" and "lr_schedule" not in r
+    assert seeds == {v: {0, 1, 2} for v in seeds} and len(seeds) == 9  # three seeds of every variant
+    assert runs["deferred256_x8_s0"]["steps"] == 2000 and runs["unet_c_x8_s0"]["steps"] == 1600
+    assert runs["nomask256_x8_s0"]["steps"] == round(budget256 / f("MicroDiT_S_2", 0.0))
+    assert runs["naive256_x8_s0"]["model_args"] == "mixer_depth=0" and runs["naive256_x8_s0"]["steps"] > 2000
+    # --budget: x1 is the tables' first framing, 250 and 200 steps
+    once = experiments.ablation_runs(["masking256", "unet_depth"], seeds=(0,), budget=1)
+    assert once["deferred256_x1_s0"]["steps"] == 250 and once["unet_c_x1_s0"]["steps"] == 200
+    assert once["deferred256_x1_s0"]["flops"] == pytest.approx(masked("MicroDiT_S_2", 250))
     # what the variants are: 256 tokens; the smaller model's step costs the masked one's within 3%; TD vs C
     assert PRESETS["MicroDiT_S_2"].latent_size // PRESETS["MicroDiT_S_2"].patch_size == 16
     small = dict(dim=64, depth=6, mixer_depth=0)
-    assert runs["small256_s0"]["model_args"] == "dim=64,depth=6,mixer_depth=0"
+    assert runs["small256_x8_s0"]["model_args"] == "dim=64,depth=6,mixer_depth=0"
     assert f("MicroDiT_S_2", 0.0, **small) == pytest.approx(f("MicroDiT_S_2", 0.75), rel=0.03)
-    td, c = runs["unet_td_s0"], runs["unet_c_s0"]
+    td, c = runs["unet_td_x8_s0"], runs["unet_c_x8_s0"]
     assert abs(td["params"] / c["params"] - 1) < 0.03 and "transformer_depth=0:1:5" in td["model_args"]
     # the data table: the deferred75 run's model and steps, on other training sets
     for name in ("deferred75_s2", "partial_captions_s2", "scenes2000_s2"):
         assert runs[name]["steps"] == 1000 and runs[name]["flops"] == pytest.approx(masked("MicroDiT_S", 1000))
     assert runs["partial_captions_s0"]["data"] == "dataset_captions=partial"
     assert runs["scenes2000_s0"]["data"] == "dataset_scenes=2000" and runs["deferred75_s0"]["data"] == ""
-    # sampling a 256-token model (or a UNet) costs as much as training it: those tables score 64 captions with
-    # 12 Heun steps; the data table scores as the older tables do (train.py's defaults, 128 x 18)
-    for name, r in runs.items():
-        new = r["model"] != "MicroDiT_S"
-        assert r["eval"] == ("eval_n=64,eval_steps=12" if new else ""), name
 
 
+@pytest.mark.slow
 def test_mixer_share_of_the_new_preset():
     # the mixer's FLOPs counted by calling its modules one by one, against model.py's MIXER regex
     import torch
@@ -173,6 +182,7 @@ def test_mixer_share_of_the_new_preset():
 # tune: the default run's knobs
 
 
+@pytest.mark.slow
 def test_tune_runs_each_candidate_as_the_default_with_its_changes(tmp_path, monkeypatch):
     import train
     defaults = {f.name: f.default for f in fields(train.TrainConfig)}
@@ -214,3 +224,112 @@ def test_tune_runs_each_candidate_as_the_default_with_its_changes(tmp_path, monk
     assert PRESETS["MicroDiT_S_nomixer"] == replace(PRESETS["MicroDiT_S"], mixer_depth=0)
     assert {k: defaults[k] for k in chosen if k not in ("model", "model_args")} == {
         k: v for k, v in chosen.items() if k not in ("model", "model_args")}
+
+
+# -----------------------------------------------------------------------------
+# the curve tables: evaluations along each run, FLOPs to an accuracy, a verdict only where it is due
+
+
+def curve_rows(variant, finals, steps=80, step_flops=1e12, budget=8.0):
+    """Synthetic rows of one variant, one per seed: 8 evaluations, the mean accuracy rising linearly to its final."""
+    rows = []
+    for seed, final in enumerate(finals):
+        every = steps // 8
+        curve = [dict(step=s, samples=32 * s, flops=s * step_flops, acc_mean=final * s / steps, val_loss=0.1,
+                      eval_s=1.0) for s in range(every, steps + 1, every)]
+        curve[-1]["final"] = True
+        rows.append(dict(run=f"{variant}_x{budget:g}_s{seed}", variant=variant, seed=seed, steps=steps, budget=budget,
+                         acc_mean=final, final_loss=0.1, train_s=77.0, curve=curve))
+    return rows
+
+
+def test_curve_report_reads_flops_to_an_accuracy_and_draws_a_verdict_only_where_due(tmp_path):
+    # first evaluation that reaches the threshold; a curve that never does: inf
+    curve = [dict(step=1, flops=10, acc_mean=0.3), dict(step=2, flops=20, acc_mean=0.6), dict(step=3, flops=30, acc_mean=0.4)]
+    assert experiments.flops_to(curve, 0.5) == 20 and experiments.flops_to(curve, 0.8) == np.inf
+    verdict = experiments.verdict
+    assert verdict({"a": [0.7, 0.75, 0.79], "b": [0.5] * 3}, "a")[0] == "undecided at this budget"  # leader < 0.8
+    assert verdict({"a": [0.85, 0.9, 0.95], "b": [0.5, 0.6, 0.7]}, "a")[0] == "reproduced"
+    assert verdict({"a": [0.5, 0.6, 0.7], "b": [0.85, 0.9, 0.95]}, "a") == (
+        "not reproduced", "every seed of b above every seed of a")
+    assert verdict({"a": [0.82, 0.9, 0.95], "b": [0.8, 0.85, 0.88]}, "a") == (  # the gap is within the spread
+        "undecided at this budget", "a's seeds overlap those of b")
+
+    # masking256: deferred ahead of naive and no masking, but small256's best seed (0.91) within its range; no
+    # masking takes half the steps at twice the FLOPs a step
+    rows = (curve_rows("deferred256", [0.9, 0.92, 0.95]) + curve_rows("naive256", [0.6, 0.7, 0.75])
+            + curve_rows("small256", [0.5, 0.55, 0.91]) + curve_rows("nomask256", [0.3, 0.4, 0.5], steps=40, step_flops=2e12)
+            + curve_rows("deferred256", [0.1] * 3, budget=4.0)  # another budget: reported with --budget=4 only
+            + [dict(run="deferred256_s0", variant="deferred256", seed=0, acc_mean=0.2)])  # an older row, no curve
+    text = "\n".join(experiments.curve_report("masking256", rows, plot_dir=str(tmp_path)))
+    assert "### masking256, budget x8" in text
+    # 0.92 x step / 80 reaches 0.5 at step 50 and 0.8 at step 70 (0.9: at 50 and 80; 0.95: at 50 and 70)
+    assert ("| deferred 75% masking, patch-mixer | 3 | 80 | 0.920 (0.900-0.950) | 0.1000 | 5e+13 (3/3 seeds) | "
+            "7e+13 (3/3 seeds) | 0.460 (step 40) | 7: 10% of the training time |") in text
+    assert "| 0.550 (0.500-0.910) | 0.1000 | 8e+13 (3/3 seeds) | not reached (1/3 seeds) |" in text  # small256
+    assert "| no masking | 3 | 40 | 0.400 (0.300-0.500) | 0.1000 | not reached (1/3 seeds) |" in text
+    assert "Verdict: **undecided at this budget** (deferred256's seeds overlap those of small256)" in text  # 0.91
+    image = Image.open(tmp_path / "masking256_curves.png")
+    assert image.size[0] < 800 and os.path.getsize(tmp_path / "masking256_curves.png") < 100_000
+    # without a variant (or with fewer than 3 seeds of one): no verdict; another budget on request; none: what to run
+    text = "\n".join(experiments.curve_report("masking256", [r for r in rows if r["variant"] != "small256"]))
+    assert "| smaller model (dim 64, 6 blocks), no masking | not run |" in text
+    assert "Verdict: **undecided at this budget** (fewer than 3 seeds of small256)" in text
+    assert "| deferred 75% masking, patch-mixer | 3 | 80 | 0.100 (0.100-0.100) |" in "\n".join(
+        experiments.curve_report("masking256", rows, budget=4.0))
+    assert "No runs with curves at budget x8 yet: `python experiments.py ablate --tables=unet_depth --budget=8`" in \
+        "\n".join(experiments.curve_report("unet_depth", rows))
+    rows = curve_rows("unet_td", [0.85, 0.9, 0.95]) + curve_rows("unet_c", [0.5, 0.6, 0.7])
+    assert "Verdict: **reproduced** (every seed of unet_td above every seed of unet_c)" in "\n".join(
+        experiments.curve_report("unet_depth", rows))
+
+
+@pytest.mark.slow
+def test_curve_runs_pass_their_schedule_and_rows_keep_their_curve(tmp_path, monkeypatch):
+    import train
+    known, calls = {f.name for f in fields(train.TrainConfig)}, []
+
+    def fake_train(cmd, **kw):  # a train.py run: an evaluation every eval_every steps, then the closing record
+        flags = dict(a[2:].split("=", 1) for a in cmd[2:])
+        assert set(flags) <= known, set(flags) - known
+        calls.append(flags)
+        steps, every = int(flags["max_steps"]), int(flags["eval_every"])
+        with open(os.path.join(flags["out_dir"], "log.jsonl"), "a") as f:
+            for s in [*range(every, steps, every), steps]:
+                f.write(json.dumps({"step": s, "samples": 32 * s, "flops": 1e9 * s, "val_loss": 0.5, "acc_shape": 0.3,
+                                    "acc_colour": 0.6, "acc_position": 0.9, "acc_mean": 0.6, "eval_s": 0.1,
+                                    **({"final": True, "train_s": 5.0} if s == steps else {})}) + "\n")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(experiments.subprocess, "run", fake_train)
+    out = str(tmp_path / "rows.jsonl")
+    experiments.ablate(out, ["unet_depth"], seeds=(0,), jobs=1, budget=0.1, run_root=str(tmp_path / "runs"),
+                       data_root=str(tmp_path / "data"), dataset_size=16, device="cuda")
+    plan = experiments.ablation_runs(["unet_depth"], seeds=(0,), budget=0.1)
+    assert sorted(plan) == ["unet_c_x0.1_s0", "unet_td_x0.1_s0"] and plan["unet_c_x0.1_s0"]["steps"] == 20
+    for flags in calls:  # wsd over the last 20%, ~8 evaluations on 32 captions, the final on 128; the device as given
+        steps = int(flags["max_steps"])
+        assert (flags["lr_schedule"], flags["decay_steps"], flags["eval_every"]) == ("wsd", str(round(0.2 * steps)),
+                                                                                     str(steps // 8))
+        assert (flags["curve_n"], flags["eval_n"], flags["eval_steps"], flags["device"]) == ("32", "128", "12", "cuda")
+    for r in scaling.load_rows(out, experiments.ABLATION_KEYS):
+        assert r["budget"] == 0.1 and r["curve"][-1]["final"] and r["curve"][-1]["step"] == r["steps"]
+        assert [p["step"] for p in r["curve"]] == [*range(r["eval_every"], r["steps"], r["eval_every"]), r["steps"]]
+        assert r["curve"][0] == {"step": r["eval_every"], "samples": 32 * r["eval_every"], "flops": 1e9 * r["eval_every"],
+                                 "val_loss": 0.5, "acc_shape": 0.3, "acc_colour": 0.6, "acc_position": 0.9,
+                                 "acc_mean": 0.6, "eval_s": 0.1}
+
+
+@pytest.mark.slow
+def test_a_curve_point_is_at_the_flops_it_claims(tmp_path, monkeypatch):
+    # a real train.py run (UNet_test, 4 steps of 4 images, an evaluation at step 2), read as ablate reads it
+    monkeypatch.chdir(ROOT)
+    results = experiments.run_train(str(tmp_path / "run"), dict(
+        model="UNet_test", mask_ratio=0.0, max_steps=4, warmup_steps=1, batch_size=4, lr_schedule="wsd",
+        decay_steps=1, eval_every=2, eval_n=2, curve_n=1, eval_steps=2, val_n=4, dataset_size=32,
+        data_dir=str(tmp_path / "data"), threads=1, peak_flops=1e12, log_every=2))
+    curve = results["curve"]
+    assert [(p["step"], p["samples"], p.get("final", False)) for p in curve] == [(2, 8, False), (4, 16, True)]
+    f = flops_per_image(PRESETS["UNet_test"], 0.0, caption_len=24) * 4  # model.py's counter: one step of 4 images
+    assert all(p["flops"] == pytest.approx(p["step"] * f, rel=0.01) for p in curve)
+    assert curve[-1]["acc_mean"] == pytest.approx(results["acc_mean"]) and curve[-1]["val_loss"] == results["final_loss"]

@@ -189,7 +189,11 @@ def test_torch_compile_forward_backward(monkeypatch):
     # (fallback_random: the compiled graph draws the mask from eager's RNG, so both see the same one)
     import torch._inductor.config
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    net = randomize(tiny())
+    # scalar C++ kernels compile in half the time of vectorised ones, and one mixer block instead of two
+    # still has every kind of block (mixer, dense and MoE backbone): what is tested is that the graph of
+    # masking and routing compiles and matches eager, not inductor's code generation
+    monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", False)
+    net = randomize(tiny(mixer_depth=1))
     x, y = batch(net.cfg)
     compiled = torch.compile(net)
     losses, grads = [], []

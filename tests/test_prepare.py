@@ -186,14 +186,14 @@ def test_latents_are_vae_encodings_of_the_cropped_images(tiny, prepared, tmp_pat
     kept = [i for i in range(40) if i not in CORRUPT]
     for i in (0, 3, 30, 1, 4, 31):
         img = np.asarray(Image.open(os.path.join(pairs, "more" if i >= 30 else "", f"img_{i:02d}.png")).convert("RGB"))
-        x = encoders.image_to_latent(img[:, 16:80] if i % 3 == 1 else img)[None]
+        x = shapes.image_to_latent(img[:, 16:80] if i % 3 == 1 else img)[None]
         with torch.no_grad():  # batch 5 there, 1 here: equal up to the fp16 rounding
             z = model.encode(x, sample=False)[0].half().float()
         assert torch.allclose(mean["latent"][kept.index(i)], z, rtol=2e-3, atol=2e-3)
     # 128x160: the short side resized to 64 (bicubic), then the middle 80 -> 64 rows
     img = Image.open(os.path.join(pairs, "img_02.png")).convert("RGB").resize((64, 80), Image.BICUBIC)
     with torch.no_grad():
-        z = model.encode(encoders.image_to_latent(np.asarray(img)[8:72])[None], sample=False)[0].half().float()
+        z = model.encode(shapes.image_to_latent(np.asarray(img)[8:72])[None], sample=False)[0].half().float()
     assert torch.allclose(mean["latent"][2], z, rtol=2e-3, atol=2e-3)
     # posterior samples: noisy around the mean, the same whatever the batch size (batch 8 in `prepared`)
     sampled = data.load_all(os.path.join(prepared[0], "64"))

@@ -16,6 +16,8 @@ from PIL import Image
 import sample
 from checkpoint import load_pretrained, save_pretrained
 from conftest import BUILTIN16, ENV, PIXELS, ROOT, run, tiny_denoiser
+from encoders import CLIPTokenizer, _byte_to_unicode
+from shapes import BuiltinTextEncoder
 
 N, BATCH = 96, 4  # the interrupted job: 24 batches, time to stop it part-way
 
@@ -115,7 +117,7 @@ def test_a_folder_of_another_job_is_refused_until_overwrite(ckpt, tmp_path, caps
     for change, differs in [(["--steps", "3"], "steps 2 vs 3"), (["--seed", "1"], "seed 0 vs 1"),
                             (["--n", "2"], "n 3 vs 2"), (["--no-ema"], "ema True vs False"),
                             (["--guidance", "2"], "guidance 5.0 vs 2.0"), (["--bf16"], "bf16 False vs True"),
-                            (["--prompt", "x"], "count 3 vs 6")]:
+                            (["--prompt", "a red circle"], "count 3 vs 6")]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             sample.main(base + change)
@@ -206,21 +208,29 @@ def broken_ckpt(ckpt, tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--ckpt", "{tmp}/none"], "no checkpoint at '{tmp}/none'"),
+@pytest.mark.parametrize("argv, message, code", [  # code 2: the command must change; 1: the job failed
+    (["--ckpt", "{tmp}/none"], "no checkpoint at '{tmp}/none'", 2),
     (["--ckpt", "{ckpt}/model.safetensors"], "--ckpt {ckpt}/model.safetensors is a weights file: pass its "
-     "checkpoint folder {ckpt}"),
-    (["--ckpt", "{broken}"], "{broken}/ema.safetensors: not a plain tensor state dict"),
-    (["--prompts-file", "{tmp}/captions.txt"], "--prompts-file {tmp}/captions.txt: line 3 is empty"),
-    (["--prompts-file", "{tmp}/missing.txt"], "--prompts-file {tmp}/missing.txt: no such file"),
-    (["--prompt", "a red circle", "--prompt", " "], "--prompt number 2 is empty"),
-    (["--n", "0"], "--n must be >= 1, got 0"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
-    (["--guidance", "-1"], "--guidance must be >= 0, got -1.0"),
+     "checkpoint folder {ckpt}", 2),
+    (["--ckpt", "{tmp}/captions.txt"], "--ckpt {tmp}/captions.txt: neither a checkpoint folder", 2),
+    (["--ckpt", "{broken}"], "{broken}/ema.safetensors: not a plain tensor state dict", 1),
+    (["--prompts-file", "{tmp}/captions.txt"], "--prompts-file {tmp}/captions.txt: line 3 is empty", 2),
+    (["--prompts-file", "{tmp}/missing.txt"], "--prompts-file {tmp}/missing.txt: no such file", 2),
+    (["--prompts-file", "{tmp}"], "--prompts-file {tmp} is a directory, not a text file of prompts", 2),
+    (["--prompts-file", "{tmp}/empty.txt"], "--prompts-file {tmp}/empty.txt is empty", 2),
+    (["--prompt", "a red circle", "--prompt", " "], "--prompt number 2 is empty", 2),
+    (["--prompt", "a red circle", "--prompt", "?!"], "--prompt number 2 has no word the built-in text", 2),
+    (["--n", "0"], "--n must be >= 1, got 0", 2),
+    (["--steps", "0"], "--steps must be >= 1, got 0", 2),
+    (["--batch-size", "-2"], "--batch-size must be >= 1, got -2", 2),
+    (["--guidance", "-1"], "--guidance must be >= 0, got -1.0", 2),
+    (["--guidance", "nan"], "--guidance must be a finite number, got nan", 2),
+    (["--guidance=-inf"], "--guidance must be a finite number, got -inf", 2),
+    (["--vae", "./no/vae"], "--vae ./no/vae: no such folder", 2),
 ])
-def test_errors_are_one_line_and_name_what_is_wrong(ckpt, broken_ckpt, tmp_path, capsys, argv, message):
+def test_errors_are_one_line_and_name_what_is_wrong(ckpt, broken_ckpt, tmp_path, capsys, argv, message, code):
     (tmp_path / "captions.txt").write_text("a red circle\na blue square\n   \na green triangle\n")
+    (tmp_path / "empty.txt").write_bytes(b"\xef\xbb\xbf")  # a byte order mark, and nothing else
     fill = lambda s: s.format(tmp=tmp_path, ckpt=ckpt, broken=broken_ckpt)
     argv = [fill(a) for a in argv]
     argv = (["--ckpt", str(ckpt)] if "--ckpt" not in argv else []) + argv + ["--out", str(tmp_path / "out")]
@@ -229,6 +239,38 @@ def test_errors_are_one_line_and_name_what_is_wrong(ckpt, broken_ckpt, tmp_path,
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("sample.py: error: "), err
+    assert e.value.code == code and err.count("\n") == 1 and err.startswith("sample.py: error: "), err
     assert fill(message) in err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_what_the_text_encoder_cannot_read_is_one_warning_line(capsys):
+    builtin = BuiltinTextEncoder(16, 24)
+    sample.check_prompts([("A red circle, a DOG and a café 🐶 on the left.", "--prompt number 1"),
+                          (" ".join(["circle"] * 30), "--prompt number 2")], builtin)
+    assert capsys.readouterr().err.splitlines() == [
+        'warning: the model never saw these 3 words, outside the 23 of the shapes captions that the built-in text '
+        'encoder knows: "DOG", "café", "🐶"',
+        "warning: the text encoder reads 24 words of a prompt; longer ones are cut: --prompt number 2 "
+        "(24 of 30 words kept)"]
+    sample.check_prompts([(" ".join(f"w{i}" for i in range(500)), "x")], builtin)  # as many as fit, then more
+    words, long = capsys.readouterr().err.splitlines()
+    assert re.search(r'these 500 words, .* knows: "w0", "w1", .*"w\d+" and 4\d\d more$', words), words
+    assert long.endswith("x (24 of 500 words kept)") and len(words) < 240
+    # a CLIP tokenizer (here byte-level: a token a character): 75 tokens between the start and end tokens
+    units = list(_byte_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(units + [u + "</w>" for u in units] + ["<|startoftext|>", "<|endoftext|>"])}
+    clip = type("TextEncoder", (), {"tokenizer": CLIPTokenizer(vocab, []), "max_len": 77})()
+    sample.check_prompts([("a dog", "line 1"), ("a photograph " * 9, "line 2")], clip)  # 11 tokens each
+    assert capsys.readouterr().err == ("warning: the text encoder reads 75 tokens of a prompt; longer ones are cut: "
+                                       "line 2 (75 of 99 tokens kept)\n")
+
+
+def test_sample_json_is_strict_json(tmp_path):
+    job = {"ckpt": "c", "seed": 0, "steps": 1, "guidance": float("nan"), "n": 1, "ema": False, "bf16": False,
+           "count": 1, "command": "python sample.py"}
+    with pytest.raises(ValueError, match="not JSON compliant"):  # a NaN never reaches the file
+        sample.prepare_folder(str(tmp_path / "out"), job, ["a red circle"])
+    assert os.listdir(tmp_path / "out") == []
+    sample.prepare_folder(str(tmp_path / "out"), {**job, "guidance": 5.0}, ["a red circle"])
+    json.loads((tmp_path / "out" / "sample.json").read_text(), parse_constant=lambda c: pytest.fail(c))

@@ -69,8 +69,27 @@ def test_config_file_then_overrides(tmp_path):
     wrong.write_text("max_steps = '10'\n")
     with pytest.raises(ValueError, match="wrong.py: max_steps must be"):
         load([str(wrong)])
-    with pytest.raises(FileNotFoundError, match="nope.py"):
+    with pytest.raises(config.UsageError, match="config file not found: .*nope.py"):
         load([str(tmp_path / "nope.py")])
+
+
+def test_a_json_config_sets_fields_by_name_and_other_files_are_refused(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text('{"batch_size": 32, "lr": 1, "model": "MicroDiT_test", "bf16": null, "compile": false}')
+    cfg = load([str(f), "--lr=0.5"])
+    assert (cfg.batch_size, cfg.lr, cfg.model, cfg.bf16, cfg.compile) == (32, 0.5, "MicroDiT_test", None, False)
+    for name, text, message in [
+            ("typo.json", '{"max_step": 10}', "typo.json: unknown config key 'max_step'"),
+            ("type.json", '{"max_steps": "10"}', "type.json: max_steps must be <class 'int'>"),
+            ("bool.json", '{"max_steps": true}', "bool.json: max_steps must be"),  # a bool is not an int
+            ("list.json", '[1, 2]', "list.json: a JSON config is an object of fields by name, not a list"),
+            ("bad.json", '{"lr": 1e-3,\n "max_steps": }', r"bad.json: not valid JSON \(Expecting value: line 2"),
+            ("cfg.yaml", "lr: 0.001\n", "cfg.yaml: not a config file: config files are Python .*or JSON")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(config.UsageError, match=message):
+            load([str(tmp_path / name)])
+    with pytest.raises(config.UsageError, match=r"config file not found: max_steps=5 \(a flag is written "):
+        load(["max_steps=5"])
 
 
 @dataclass
@@ -292,3 +311,44 @@ def test_recipe_configs_follow_the_papers_recipe():
     # stages 2 and 4 continue the full state of the stage before; stage 3 takes stage 2's weights only
     assert (s2.init_from, s3.init_from, s4.init_from) == (s1.out_dir, s2.out_dir, s3.out_dir) and not s1.init_from
     assert (s2.init_state, s3.init_state, s4.init_state) == (True, False, True)
+
+
+# --- the curve of a run: evaluations along the way, the wsd schedule --------------------------------
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly():
+    cfg = train.TrainConfig(lr=1.0, lr_schedule="wsd", warmup_steps=10, max_steps=110, decay_steps=20,
+                            min_lr_ratio=0.1)
+    lr = lambda step: train.lr_at(step, cfg)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)  # the warmup, as the cosine's
+    assert lr(10) == lr(50) == lr(89) == 1.0  # stable until the last 20 steps
+    for step in (90, 95, 99, 109):  # then a line from lr down to lr * min_lr_ratio at the last step (109)
+        assert lr(step) == pytest.approx(1.0 - 0.9 * (step + 1 - 90) / 20)
+    assert lr(109) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+    for argv, message in [(["--lr_schedule=wsd"], "--decay_steps=0: must be >= 1 with --lr_schedule=wsd"),
+                          (["--lr_schedule=linear"], "must be 'wsd' \\(warmup-stable-decay\\), 'cosine' or 'constant'"),
+                          (["--curve_n=-1"], "--curve_n=-1: must be >= 0")]:
+        with pytest.raises(config.UsageError, match=message):
+            train.check_config(load(argv))
+
+
+@pytest.mark.slow
+def test_evaluations_along_the_way_change_no_weight_and_state_their_flops(tmp_path, capsys):
+    # 6 steps at mask 0.5, the last 2 unmasked; one run evaluates at steps 2 and 4 (2 captions each), one not
+    kw = dict(mask_ratio=0.5, unmasked_steps=2, lr_schedule="wsd", decay_steps=2, eval_n=4, curve_n=2,
+              eval_steps=2, ckpt_every=6)
+    train.train(tiny_config(tmp_path, out_dir=str(tmp_path / "plain"), **kw))
+    train.train(tiny_config(tmp_path, out_dir=str(tmp_path / "curve"), eval_every=2, **kw))
+    for name in ("model", "ema"):  # the evaluations draw from their own RNG: the same weights, byte for byte
+        plain = (tmp_path / "plain" / "ckpt-0000006" / f"{name}.safetensors").read_bytes()
+        assert plain == (tmp_path / "curve" / "ckpt-0000006" / f"{name}.safetensors").read_bytes()
+    out = capsys.readouterr().out
+    assert out.count("2 captions sampled (2 Heun steps)") == 2 and out.count("4 captions sampled") == 2
+    points = [r for r in map(json.loads, open(tmp_path / "curve" / "log.jsonl")) if "flops" in r]
+    assert [(p["step"], p["samples"], p.get("final", False)) for p in points] == [
+        (2, 16, False), (4, 32, False), (6, 48, True)]
+    assert all(0 <= p["acc_mean"] <= 1 and np.isfinite(p["val_loss"]) and p["eval_s"] > 0 for p in points)
+    # the FLOPs they claim, from model.py's counter: steps 0-3 at mask 0.5, steps 4 and 5 unmasked, 8 images each
+    from model import flops_per_image
+    f = lambda mask: flops_per_image(get_config("MicroDiT_test"), mask, caption_len=24) * 8
+    for p, flops in zip(points, [2 * f(0.5), 4 * f(0.5), 4 * f(0.5) + 2 * f(0.0)]):
+        assert p["flops"] == pytest.approx(flops, rel=0.01)
