@@ -18,9 +18,10 @@ from model import build_model, num_params, param_count
 # A real training forward in a fresh process, its graph kept, measured by the kernel's count of the process's
 # resident pages (/proc/self/statm) before and after: the bytes the forward left held, which are the tensors
 # saved for backward. glibc is told (MALLOC_MMAP_THRESHOLD_) to mmap every allocation of 64 KiB or more, so a
-# freed temporary goes back to the kernel at once instead of lingering in the count. ru_maxrss gives the peak.
+# freed temporary goes back to the kernel at once instead of lingering in the count. The peak is the kernel's
+# high-water mark (VmHWM), reset just before the forward.
 MEASURE = r"""
-import contextlib, json, os, resource, sys
+import contextlib, json, os, sys
 import torch
 from diffusion import Denoiser, drop_captions, edm_loss, training_noise
 from memory import BF16Autocast, checkpointed, config_at
@@ -29,6 +30,10 @@ from model import build_model
 
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def high_water_mark():  # the peak resident bytes since the last reset of it
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 def forward(net, cfg, batch, mask_ratio, ckpt, bf16):
     x = torch.randn(batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
@@ -40,10 +45,12 @@ def forward(net, cfg, batch, mask_ratio, ckpt, bf16):
         if batch == 4:  # the warm-up, with its backward: every kernel and thread buffer is made once
             edm_loss(Denoiser(net), x, y, sigma, noise, mask_ratio).backward()
             return None
+        with open("/proc/self/clear_refs", "w") as f:  # the peak restarts here: not the imports' or
+            f.write("5")                                 # a peak from before library pages were evicted
         before = rss()
         loss = edm_loss(Denoiser(net), x, y, sigma, noise, mask_ratio)
         held = rss() - before
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = high_water_mark() - before
     del loss
     return held, peak
 
@@ -56,7 +63,7 @@ for name, batch, mask_ratio, ckpt, bf16 in json.loads(sys.argv[1]):
     out.append(forward(net, cfg, batch, mask_ratio, ckpt, bf16))
 print(json.dumps(out))
 """
-# (preset, batch, mask ratio, activation checkpointing, bf16 rules); ru_maxrss is clean for the first only
+# (preset, batch, mask ratio, activation checkpointing, bf16 rules); the peak is checked for the first
 CASES = [("MicroDiT_S", 64, 0.5, False, False), ("MicroDiT_S", 64, 0.5, True, False),
          ("UNet_S", 32, 0.0, False, False), ("MicroDiT_S", 64, 0.5, False, True)]
 
