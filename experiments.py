@@ -203,15 +203,15 @@ ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", 
                  "acc_mean", "wall_s")
 # The curve tables: every run evaluates about CURVE_POINTS times along the way (eval_every = steps / 8),
 # each record with the training FLOPs so far, so that one run gives a curve of accuracy against FLOPs. A
-# table's budget is its base runs' steps x `budget` (--budget overrides it): x8 is an estimate from the x1
-# runs (their leading variants reached mean accuracy 0.49 and 0.21), to be raised until the leading variant
-# passes 0.8. The learning rate is warmup-stable-decay (train.py's wsd), the decay over the last DECAY of
+# table's budget is its base runs' steps x `budget` (--budget overrides it): the defaults are the budgets of
+# the committed rows (docs/RESULTS.md), what three seeds of every variant cost in one session on two cores;
+# a GPU (--device=cuda) takes them higher until the leading variant passes 0.8. The learning rate is warmup-stable-decay (train.py's wsd), the decay over the last DECAY of
 # the steps: a point before the decay reads as the end of a shorter run less its decay (a lower bound), where
 # under a cosine every point but the last is a run still at a high learning rate. `claimed`: the variant the
 # claim says wins; `equal_steps`: the variant at whose step count the report reads every curve (the claim's
 # equal-steps framing, read off the curves instead of runs of their own).
-CURVE_TABLES = {"masking256": dict(claimed="deferred256", equal_steps="nomask256", budget=8.0),
-                "unet_depth": dict(claimed="unet_td", equal_steps=None, budget=8.0)}
+CURVE_TABLES = {"masking256": dict(claimed="deferred256", equal_steps="nomask256", budget=2.0),
+                "unet_depth": dict(claimed="unet_td", equal_steps=None, budget=1.5)}
 CURVE_POINTS = 8
 DECAY = 0.2
 THRESHOLDS = (0.5, 0.8)  # the mean accuracies whose FLOPs the report gives; a verdict needs the last passed

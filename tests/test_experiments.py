@@ -109,10 +109,11 @@ def test_new_tables_get_the_budget_their_framing_says():
     f = lambda model, m, **kw: flops_per_image(replace(PRESETS[model], **kw), m, caption_len=24) * 32
     masked = lambda model, steps, **kw: (steps - round(0.1 * steps)) * f(model, 0.75, **kw) + \
         round(0.1 * steps) * f(model, 0.0, **kw)
-    # the curve tables at their budget, x8: the deferred run 8 x 250 steps of 32, the last 200 unmasked
-    budget256 = masked("MicroDiT_S_2", 2000)
+    # the curve tables at their budgets: masking256 x2, the deferred run 2 x 250 steps of 32, the last 50
+    # unmasked; unet_depth x1.5, the wider UNet 1.5 x 200 steps
+    budget256 = masked("MicroDiT_S_2", 500)
     unet_args = dict(base_channels=24, head_dim=24)
-    budget_unet = 1600 * f("UNet_S", 0.0, **unet_args)  # the wider UNet: 8 x 200 steps
+    budget_unet = 300 * f("UNet_S", 0.0, **unet_args)
     seeds = {}
     for name, r in runs.items():
         seeds.setdefault(r["variant"], set()).add(r["seed"])
@@ -122,15 +123,17 @@ def test_new_tables_get_the_budget_their_framing_says():
             assert r["flops"] == pytest.approx(budget_unet, rel=0.01), name
         if r["variant"] in ("deferred256", "nomask256", "naive256", "small256", "unet_td", "unet_c"):
             # about 8 evaluations along the way, a wsd schedule decaying over the last 20%, the budget named
-            assert name == f"{r['variant']}_x8_s{r['seed']}" and r["budget"] == 8 and r["lr_schedule"] == "wsd"
+            budget = 1.5 if r["variant"].startswith("unet") else 2
+            assert name == f"{r['variant']}_x{budget:g}_s{r['seed']}" and r["budget"] == budget, name
+            assert r["lr_schedule"] == "wsd", name
             assert r["eval_every"] == r["steps"] // 8 and r["decay_steps"] == round(0.2 * r["steps"]), name
             assert r["eval"] == "eval_n=128,curve_n=32,eval_steps=12" and r["curve_n"] == 32, name
         else:  # the data table scores as the older tables do (train.py's defaults, 128 x 18), under its cosine
             assert name == f"{r['variant']}_s{r['seed']}" and r["eval"] == "" and "lr_schedule" not in r
     assert seeds == {v: {0, 1, 2} for v in seeds} and len(seeds) == 9  # three seeds of every variant
-    assert runs["deferred256_x8_s0"]["steps"] == 2000 and runs["unet_c_x8_s0"]["steps"] == 1600
-    assert runs["nomask256_x8_s0"]["steps"] == round(budget256 / f("MicroDiT_S_2", 0.0))
-    assert runs["naive256_x8_s0"]["model_args"] == "mixer_depth=0" and runs["naive256_x8_s0"]["steps"] > 2000
+    assert runs["deferred256_x2_s0"]["steps"] == 500 and runs["unet_c_x1.5_s0"]["steps"] == 300
+    assert runs["nomask256_x2_s0"]["steps"] == round(budget256 / f("MicroDiT_S_2", 0.0))
+    assert runs["naive256_x2_s0"]["model_args"] == "mixer_depth=0" and runs["naive256_x2_s0"]["steps"] > 500
     # --budget: x1 is the tables' first framing, 250 and 200 steps
     once = experiments.ablation_runs(["masking256", "unet_depth"], seeds=(0,), budget=1)
     assert once["deferred256_x1_s0"]["steps"] == 250 and once["unet_c_x1_s0"]["steps"] == 200
@@ -138,9 +141,9 @@ def test_new_tables_get_the_budget_their_framing_says():
     # what the variants are: 256 tokens; the smaller model's step costs the masked one's within 3%; TD vs C
     assert PRESETS["MicroDiT_S_2"].latent_size // PRESETS["MicroDiT_S_2"].patch_size == 16
     small = dict(dim=64, depth=6, mixer_depth=0)
-    assert runs["small256_x8_s0"]["model_args"] == "dim=64,depth=6,mixer_depth=0"
+    assert runs["small256_x2_s0"]["model_args"] == "dim=64,depth=6,mixer_depth=0"
     assert f("MicroDiT_S_2", 0.0, **small) == pytest.approx(f("MicroDiT_S_2", 0.75), rel=0.03)
-    td, c = runs["unet_td_x8_s0"], runs["unet_c_x8_s0"]
+    td, c = runs["unet_td_x1.5_s0"], runs["unet_c_x1.5_s0"]
     assert abs(td["params"] / c["params"] - 1) < 0.03 and "transformer_depth=0:1:5" in td["model_args"]
     # the data table: the deferred75 run's model and steps, on other training sets
     for name in ("deferred75_s2", "partial_captions_s2", "scenes2000_s2"):
