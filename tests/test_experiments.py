@@ -280,7 +280,7 @@ def test_curve_report_reads_flops_to_an_accuracy_and_draws_a_verdict_only_where_
     assert "Verdict: **undecided at this budget** (fewer than 3 seeds of small256)" in text
     assert "| deferred 75% masking, patch-mixer | 3 | 80 | 0.100 (0.100-0.100) |" in "\n".join(
         experiments.curve_report("masking256", rows, budget=4.0))
-    assert "No runs with curves at budget x8 yet: `python experiments.py ablate --tables=unet_depth --budget=8`" in \
+    assert "No runs with curves at budget x1 yet: `python experiments.py ablate --tables=unet_depth --budget=1`" in \
         "\n".join(experiments.curve_report("unet_depth", rows))
     rows = curve_rows("unet_td", [0.85, 0.9, 0.95]) + curve_rows("unet_c", [0.5, 0.6, 0.7])
     assert "Verdict: **reproduced** (every seed of unet_td above every seed of unet_c)" in "\n".join(
