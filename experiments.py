@@ -207,7 +207,8 @@ ABLATION_KEYS = ("run", "variant", "seed", "model", "mask_ratio", "model_args", 
 # table's budget is its base runs' steps x `budget` (--budget overrides it): the defaults are the budgets of
 # the committed rows (docs/RESULTS.md), what three seeds of every variant cost in about 2 hours on two
 # cores; a GPU (--device=cuda) takes them higher until the leading variant passes 0.8. The learning rate is
-# warmup-stable-decay (train.py's wsd), the decay over the last DECAY of the steps: a point before the decay reads as the end of a shorter run less its decay (a lower bound), where
+# warmup-stable-decay (train.py's wsd), the decay over the last DECAY of the steps: a point before the decay
+# reads as the end of a shorter run less its decay (a lower bound), where
 # under a cosine every point but the last is a run still at a high learning rate. `claimed`: the variant the
 # claim says wins; `equal_steps`: the variant at whose step count the report reads every curve (the claim's
 # equal-steps framing, read off the curves instead of runs of their own).
